@@ -1,0 +1,46 @@
+# sam-repro: `make help` lists the targets. Every target that runs code first makes sure the
+# virtual environment in .venv exists and matches pyproject.toml (it is reused when it does).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml | cksum | cut -d' ' -f1)
+RUNS ?= results/runs
+TABLES ?= results/tables
+BENCH_OUT ?= results/bench
+
+.DEFAULT_GOAL := help
+.PHONY: help install test test-fast table bench bench-gpu smoke clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel
+	$(PY) -m pip install -q -e ".[dev,launchers]"
+	@rm -f $(VENV)/.installed-* && touch $@
+
+install: $(STAMP) ## create .venv and install sam-repro with its test and launcher extras
+
+test: install ## install, then run the whole test suite on the CPU
+	$(PY) -m pytest -q
+
+test-fast: install ## the suite without the slow end-to-end tests
+	$(PY) -m pytest -q -m "not slow"
+
+table: install ## regenerate results/tables/ (markdown, CSV, plots) from the run logs in results/runs/
+	$(VENV)/bin/sam-report --runs $(RUNS) --out $(TABLES)
+
+smoke: install ## a 20-second CPU training run on synthetic data (writes runs/smoke/...)
+	$(VENV)/bin/sam-train experiment=smoke
+
+bench: install ## CPU benchmark of one training step: SGD vs fused SAM vs a per-parameter-loop SAM
+	$(PY) scripts/bench_step.py --device cpu
+
+bench-gpu: ## GPU benchmarks (step and end-to-end engine); run on a GPU machine, results to results/bench/
+	python3 scripts/bench_step.py --device cuda --suite gpu --out $(BENCH_OUT)
+	python3 scripts/bench_engine.py --device cuda --out $(BENCH_OUT)
+
+clean: ## remove the virtual environment and caches (keeps runs/ and results/)
+	rm -rf $(VENV) .pytest_cache build *.egg-info

@@ -1,0 +1,140 @@
+"""The config schema: typed dataclasses registered in Hydra's ConfigStore.
+
+`configs/train.yaml` starts its defaults list with `train_schema`, so every YAML file and every
+command-line override is merged into these dataclasses: a misspelt key or a value of the wrong
+type fails at composition, before anything runs. Semantic checks (ranges, names that must exist
+in a registry) live in `sam_repro.validate`, which runs right after composition.
+
+Defaults follow the official SAM code (google-research/sam); each departure is a named switch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+
+
+@dataclass
+class DatasetConfig:
+    name: str = "cifar10"  # a key of sam_repro.data.DATASETS
+    source: str = "torchvision"  # torchvision | folder | synthetic (see sam_repro.data.sources)
+    root: str = "${data_root}/${.name}"  # torchvision files, or ROOT/{train,test}/<class>/* for folder
+    download: bool = False  # torchvision only; needs network
+    val_fraction: float = 0.0  # hold out this fraction of the training set (the paper used 0.1 to pick rho)
+    label_noise: float = 0.0  # fraction of training labels corrupted, in [0, 1)
+    noise_kind: str = "symmetric"  # symmetric | asymmetric
+    noise_seed: int = 0  # label noise is drawn independently of the training seed
+    split_seed: int = 0  # seed of the validation split
+    svhn_extra: bool = True  # SVHN: train on train+extra (604,388 images), as the paper
+    decode_workers: int = 0  # folder source: processes decoding images (0 = one per core)
+    cache_dir: Optional[str] = None  # folder source: where decoded tensors are cached (default: beside root)
+    # synthetic source only: a learnable generated problem, never a real result
+    num_classes: int = 10
+    image_size: int = 32
+    channels: int = 3
+    train_size: int = 2048
+    test_size: int = 512
+
+
+@dataclass
+class AugmentConfig:
+    name: str = "basic"  # none | basic | cutout | autoaugment (a label; the fields below do the work)
+    crop: bool = True  # random crop back to the input size after padding
+    padding: int = 4
+    pad_mode: str = "reflect"  # official code: reflect; torchvision's usual CIFAR recipe: constant (zeros)
+    flip: bool = True  # random horizontal flip
+    cutout: int = 0  # side of the Cutout square in pixels (16 in the paper); 0 = off
+    cutout_per: str = "batch"  # official code: one location per batch; `sample` draws one per image
+    autoaugment: Optional[str] = None  # AutoAugment policy applied before crop/flip: cifar10 | svhn
+
+
+@dataclass
+class ModelConfig:
+    name: str = "wrn28_10"  # a registered model (sam_repro.models.list_models()) or timm/<name>
+    kwargs: Dict[str, Any] = field(default_factory=dict)  # passed to the model's constructor
+    pretrained: bool = False  # finetuning: load pretrained weights (timm)
+    checkpoint: Optional[str] = None  # finetuning: local weights file for offline machines
+    freeze_bn: bool = False  # finetuning: BatchNorm statistics frozen, as in the paper
+
+
+@dataclass
+class OptimConfig:
+    name: str = "sam"  # sgd | sam | asam
+    base: str = "sgd"  # base optimizer: sgd | adamw
+    lr: float = 0.1  # for the whole batch (batch_size)
+    momentum: float = 0.9
+    nesterov: bool = True
+    weight_decay: float = 5e-4
+    wd_mode: str = "loss"  # loss (L2 in the loss, enters e(w): official) | decoupled (in the base optimizer: popular port)
+    wd_on_bn: bool = True  # official: decay every parameter, BatchNorm and biases included
+    rho: float = 0.05
+    p: float = 2.0  # 2 or inf
+    adaptive: bool = False  # ASAM
+    eta: float = 0.0  # ASAM: T = |w| + eta
+    eps: float = 1e-12
+    m: Optional[int] = None  # m-sharpness: examples per perturbation; null = the whole device batch
+    bn_stats: str = "first_pass"  # first_pass (official) | both
+    true_gradient: bool = True  # first SAM pass: Shake-Shake/ShakeDrop use one coefficient both ways (official)
+    grad_clip: Optional[float] = 5.0  # global-norm clip of the applied (second-pass) gradient; official 5.0
+    label_smoothing: float = 0.0
+    sync_perturbation: bool = False  # multi-GPU: all-reduce the first-pass gradient before e(w)
+
+
+@dataclass
+class SchedConfig:
+    name: str = "cosine"  # cosine | step | constant, evaluated per optimizer step
+    warmup_epochs: float = 0.0  # linear warm-up (the official CIFAR code uses none)
+    milestones: List[float] = field(default_factory=list)  # step: epochs at which lr is multiplied by gamma
+    gamma: float = 0.2
+    final_lr_fraction: float = 0.0  # cosine ends at lr * this
+
+
+@dataclass
+class EngineConfig:
+    device: str = "auto"  # auto (cuda when available) | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
+    channels_last: Optional[bool] = None  # null = on for GPU
+    compile: bool = False  # torch.compile the model
+    cuda_graphs: bool = False  # torch.compile mode=reduce-overhead (CUDA graphs) for launch-bound models
+    deterministic: bool = False  # deterministic kernels (tests, bit-exact resume)
+    loader: str = "auto"  # auto | device (data resident on the device, augmented there) | workers (DataLoader)
+    num_workers: int = 8  # loader=workers
+    eval_batch_size: int = 1024
+    eval_every: int = 1  # epochs
+    progress: bool = True  # tqdm bars
+    ddp: bool = False  # launch with torchrun over every visible GPU
+
+
+@dataclass
+class TrainConfig:
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    sched: SchedConfig = field(default_factory=SchedConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    name: str = "default"  # experiment name: the run directory's parent and metrics.json `experiment`
+    seed: int = 0
+    epochs: int = 200
+    batch_size: int = 256  # global batch (all devices together)
+    train_steps: Optional[int] = None  # finetuning recipes count optimizer steps; overrides epochs
+    resume: str = "auto"  # auto (continue a run found in the run dir) | never | must
+    data_root: str = "${oc.env:SAM_DATA,~/data}"
+    runs_root: str = "runs"
+
+
+def register_configs() -> None:
+    """Register the schema so that `defaults: [train_schema, ...]` in train.yaml can use it."""
+    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+
+
+def config_dir() -> Path:
+    """The Hydra config tree: top-level configs/ in a checkout, sam_repro/conf when installed."""
+    checkout = Path(__file__).resolve().parent.parent / "configs"
+    if (checkout / "train.yaml").is_file():
+        return checkout
+    from importlib.resources import files
+
+    return Path(str(files("sam_repro.conf")))
