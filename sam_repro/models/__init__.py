@@ -1,0 +1,26 @@
+"""Model zoo: a timm-style registry of the SAM paper's networks, plus `timm/<name>` for the rest.
+
+    from sam_repro.models import create_model
+    model = create_model("wrn28_10", num_classes=100)
+
+`stochastic` holds the mechanism that gives SAM's two passes the same random draws.
+"""
+from .registry import (create_model, is_model, list_models, register_model,
+                       register_model_pattern, validate_model_name)
+from .stochastic import (RandomDraws, ShakeDrop, ShakeShake, StochasticLayer, scale_grad,
+                         set_true_gradient)
+
+# Importing the model modules registers their models.
+from .imagenet import resnet50, resnet101, resnet152
+from .pyramidnet import PyramidNet
+from .resnet_cifar import CifarResNet
+from .shakeshake import ShakeShakeResNet
+from .wrn import WideResNet
+
+__all__ = [
+    "create_model", "is_model", "list_models", "register_model", "register_model_pattern",
+    "validate_model_name",
+    "RandomDraws", "StochasticLayer", "set_true_gradient", "ShakeShake", "ShakeDrop", "scale_grad",
+    "WideResNet", "ShakeShakeResNet", "PyramidNet", "CifarResNet",
+    "resnet50", "resnet101", "resnet152",
+]
