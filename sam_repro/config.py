@@ -121,7 +121,7 @@ class TrainConfig:
     batch_size: int = 256  # global batch (all devices together)
     train_steps: Optional[int] = None  # finetuning recipes count optimizer steps; overrides epochs
     resume: str = "auto"  # auto (continue a run found in the run dir) | never | must
-    data_root: str = "${oc.env:SAM_DATA,~/data}"
+    data_root: str = "${oc.env:SAM_DATA,'~/data'}"  # '~' is expanded by the data layer
     runs_root: str = "runs"
 
 
@@ -131,10 +131,10 @@ def register_configs() -> None:
 
 
 def config_dir() -> Path:
-    """The Hydra config tree: top-level configs/ in a checkout, sam_repro/conf when installed."""
-    checkout = Path(__file__).resolve().parent.parent / "configs"
-    if (checkout / "train.yaml").is_file():
-        return checkout
-    from importlib.resources import files
-
-    return Path(str(files("sam_repro.conf")))
+    """The Hydra config tree: top-level configs/ in a checkout, sam_repro/conf in an installed wheel
+    (pyproject maps the one onto the other)."""
+    package = Path(__file__).resolve().parent
+    installed = package / "conf"
+    if (installed / "train.yaml").is_file():
+        return installed
+    return package.parent / "configs"

@@ -1,0 +1,310 @@
+"""fit(): config -> (data, model, optimizer) -> epochs of TrainStep + evaluation -> run directory.
+
+Reliability: the run directory is written atomically; a checkpoint after every epoch lets
+`resume=auto` continue a killed run; each epoch's random draws (data order, augmentation,
+dropout/ShakeDrop) are a pure function of (seed, epoch), so a resumed run ends exactly where an
+uninterrupted one does. A non-finite training loss stops the run with status `diverged`,
+keeping the last good checkpoint.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch import nn
+from tqdm import tqdm
+
+from sam_repro.data import DataBundle, load_data, make_eval_loader, make_train_loader
+from sam_repro.engine.checkpoint import load_checkpoint, save_checkpoint
+from sam_repro.engine.runtime import Runtime, resolve_runtime, seed_everything, set_determinism
+from sam_repro.engine.schedule import LrSetter
+from sam_repro.engine.step import StepConfig, TrainStep
+from sam_repro.models import create_model
+from sam_repro.optim.factory import build_optimizer
+from sam_repro.runlog import RunLog, environment, flat_config
+
+log = logging.getLogger("sam_repro")
+
+LOG_EVERY = 50  # steps between progress updates: the only host syncs of the training loop
+EXIT_OK, EXIT_DIVERGED, EXIT_FAILED = 0, 1, 1
+# Keys that may change between a killed run and its resumption: where things are, not what they
+# are (the data fingerprint guards the data itself), and how progress is shown.
+RESUME_FREE_KEYS = ("resume", "runs_root", "data_root", "dataset.root", "dataset.cache_dir", "dataset.download",
+                    "dataset.decode_workers", "model.checkpoint", "engine.progress", "engine.num_workers",
+                    "engine.eval_batch_size")
+
+
+class Diverged(Exception):
+    """The training loss became NaN or inf."""
+
+
+class RunDirError(Exception):
+    """The run directory holds something this run cannot continue (one line, for the CLI)."""
+
+
+@dataclass
+class Progress:
+    """What a checkpoint carries besides the model and optimizer."""
+
+    epoch: int = 0  # epochs completed
+    step: int = 0  # optimizer steps completed
+    wall_s: float = 0.0
+    history: list[dict[str, Any]] | None = None
+    started_at: Optional[str] = None
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of the model's random draws in one epoch (dropout, ShakeDrop, Shake-Shake)."""
+    return seed * 1_000_003 + epoch
+
+
+def build_model(cfg: DictConfig, bundle: DataBundle, runtime: Runtime) -> nn.Module:
+    """The model on its device, in channels_last where that is the fast layout."""
+    model = create_model(cfg.model.name, num_classes=bundle.num_classes, in_chans=bundle.in_chans,
+                         **OmegaConf.to_container(cfg.model.kwargs, resolve=True))
+    model = model.to(runtime.device)
+    if runtime.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def set_train_mode(model: nn.Module, freeze_bn: bool) -> None:
+    """Train mode; with freeze_bn (finetuning, as in the paper) BatchNorm stays in eval mode."""
+    model.train()
+    if freeze_bn:
+        for module in model.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Iterable, runtime: Runtime, top5: bool) -> dict[str, float]:
+    """Mean cross-entropy, error % and top-5 error % over a whole split (one host sync)."""
+    model.eval()
+    device = runtime.device
+    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+    wrong = torch.zeros((), device=device, dtype=torch.long)
+    wrong5 = torch.zeros((), device=device, dtype=torch.long)
+    count = 0
+    for x, y in loader:
+        if runtime.channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(device.type, dtype=runtime.autocast_dtype or torch.float32,
+                            enabled=runtime.autocast_dtype is not None):
+            logits = model(x).float()
+        loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum").double()
+        wrong += (logits.argmax(dim=1) != y).sum()
+        if top5:
+            wrong5 += (~(logits.topk(5, dim=1).indices == y[:, None]).any(dim=1)).sum()
+        count += y.shape[0]
+    totals = torch.stack([loss_sum, wrong.double(), wrong5.double()])
+    if runtime.distributed:
+        torch.distributed.all_reduce(totals)
+        count_t = torch.tensor(count, device=device)
+        torch.distributed.all_reduce(count_t)
+        count = int(count_t)
+    loss, wrong_n, wrong5_n = totals.tolist()
+    out = {"loss": loss / count, "err": 100.0 * wrong_n / count}
+    if top5:
+        out["top5_err"] = 100.0 * wrong5_n / count
+    return out
+
+
+class Trainer:
+    """Holds everything a run needs; `fit()` runs the epochs."""
+
+    def __init__(self, cfg: DictConfig, run_dir: Path) -> None:
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.runtime = resolve_runtime(cfg.engine)
+        rt = self.runtime
+        set_determinism(cfg.engine.deterministic, rt.device.type == "cuda")
+        seed_everything(cfg.seed)
+        self.bundle = load_data(cfg.dataset)
+        self.model = build_model(cfg, self.bundle, rt)
+        self.optimizer, self.sam = build_optimizer(self.model, cfg.optim)
+        per_device_batch = cfg.batch_size // rt.world_size
+        kind = cfg.engine.loader if cfg.engine.loader != "auto" else "device"
+        self.train_loader = make_train_loader(self.bundle.train, self.bundle, cfg.augment, per_device_batch, rt.device,
+                                              seed=cfg.seed, kind=kind, num_workers=cfg.engine.num_workers,
+                                              rank=rt.rank, world_size=rt.world_size)
+        eval_batch = cfg.engine.eval_batch_size
+        self.test_loader = make_eval_loader(self.bundle.test, self.bundle, eval_batch, rt.device, rt.rank, rt.world_size)
+        self.val_loader = (make_eval_loader(self.bundle.val, self.bundle, eval_batch, rt.device, rt.rank, rt.world_size)
+                           if self.bundle.val is not None else None)
+        self.steps_per_epoch = len(self.train_loader)
+        if self.steps_per_epoch == 0:
+            raise ValueError(f"batch_size={cfg.batch_size} is larger than the training set "
+                             f"({self.bundle.train.labels.shape[0]} examples): no full batch to train on")
+        self.total_steps = cfg.train_steps or cfg.epochs * self.steps_per_epoch
+        self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
+        self.lr = LrSetter(self.optimizer, cfg.sched, self.total_steps, self.steps_per_epoch)
+        self.scaler = torch.amp.GradScaler(rt.device.type) if rt.precision == "fp16" else None
+        self.forward_model = self._compiled(self.model)
+        self.step = TrainStep(
+            self.forward_model, self.optimizer, self.sam,
+            StepConfig(m=cfg.optim.m, bn_stats=cfg.optim.bn_stats, grad_clip=cfg.optim.grad_clip,
+                       label_smoothing=cfg.optim.label_smoothing, true_gradient=cfg.optim.true_gradient,
+                       autocast_dtype=rt.autocast_dtype, channels_last=rt.channels_last),
+            scaler=self.scaler,
+        )
+        self.top5 = self.bundle.num_classes > 10
+        self.runlog = RunLog(self.run_dir, cfg.name, flat_config(cfg, rt.precision), environment(rt.device),
+                             self.bundle.info) if rt.is_main else None
+
+    def _compiled(self, model: nn.Module) -> nn.Module:
+        engine = self.cfg.engine
+        if engine.cuda_graphs:
+            return torch.compile(model, mode="reduce-overhead")
+        if engine.compile:
+            return torch.compile(model)
+        return model
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def _state(self, progress: Progress) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else None,
+            "progress": progress.__dict__,
+            "config": OmegaConf.to_container(self.cfg, resolve=True),
+            "data_fingerprint": self.bundle.info["fingerprint"],
+        }
+
+    def _resume(self) -> Progress:
+        """Continue from the run directory's checkpoint when `resume` allows it."""
+        mode = self.cfg.resume
+        state = load_checkpoint(self.run_dir, map_location=self.runtime.device) if mode != "never" else None
+        if state is None:
+            if mode == "must":
+                raise RunDirError(f"resume=must but {self.run_dir}/checkpoint.pt does not exist")
+            return Progress(history=[])
+        check_same_config(state["config"], OmegaConf.to_container(self.cfg, resolve=True), self.run_dir)
+        if state["data_fingerprint"] != self.bundle.info["fingerprint"]:
+            raise RunDirError(f"{self.run_dir} was trained on other data (fingerprint {state['data_fingerprint']}, "
+                              f"now {self.bundle.info['fingerprint']}); use resume=never to start it over")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and state["scaler"] is not None:
+            self.scaler.load_state_dict(state["scaler"])
+        progress = Progress(**state["progress"])
+        log.info("resuming %s after epoch %d (step %d)", self.run_dir, progress.epoch, progress.step)
+        return progress
+
+    # -- the run ----------------------------------------------------------------------------------
+    def fit(self) -> int:
+        """Train to the end (or from the last checkpoint); returns the process exit code."""
+        progress = self._resume()
+        if self.runlog:
+            self.runlog.write_config(self.cfg)
+            self.runlog.restore(progress.history, progress.started_at, progress.wall_s)
+            progress.started_at = self.runlog.summary["started_at"]
+            self.runlog.write_summary()
+        try:
+            for epoch in range(progress.epoch + 1, self.epochs + 1):
+                row = self._epoch(epoch, progress)
+                progress.history.append(row)
+                progress.epoch = epoch
+                if self.runtime.is_main:
+                    save_checkpoint(self.run_dir, self._state(progress))
+                    self.runlog.log_epoch(row, progress.history, progress.wall_s)
+                log.info("epoch %d/%d %s", epoch, self.epochs,
+                         " ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "epoch"))
+        except Diverged as err:
+            log.error("diverged: %s; the last good checkpoint is kept", err)
+            if self.runlog:
+                self.runlog.finish("diverged", str(err))
+            return EXIT_DIVERGED
+        except BaseException as err:  # a crash or Ctrl-C: say so in metrics.json, then re-raise
+            if self.runlog:
+                self.runlog.finish("failed", f"{type(err).__name__}: {err}")
+            raise
+        if self.runlog:
+            self.runlog.finish("completed")
+        return EXIT_OK
+
+    def _epoch(self, epoch: int, progress: Progress) -> dict[str, Any]:
+        rt, cfg = self.runtime, self.cfg
+        torch.manual_seed(epoch_seed(cfg.seed, epoch))
+        self.train_loader.set_epoch(epoch)
+        set_train_mode(self.model, cfg.model.freeze_bn)
+        loss_sum = torch.zeros((), device=rt.device, dtype=torch.float64)
+        correct = torch.zeros((), device=rt.device, dtype=torch.long)
+        seen = 0
+        steps_left = self.total_steps - progress.step
+        bar = tqdm(self.train_loader, total=min(self.steps_per_epoch, steps_left), desc=f"epoch {epoch}/{self.epochs}",
+                   disable=not (cfg.engine.progress and rt.is_main), leave=False, dynamic_ncols=True)
+        start = time.perf_counter()
+        lr = 0.0
+        for index, (x, y) in enumerate(bar):
+            if index >= steps_left:
+                break
+            lr = self.lr(progress.step)
+            stats = self.step(x, y)
+            loss_sum += stats.loss_sum
+            correct += stats.correct
+            seen += stats.count
+            progress.step += 1
+            if (index + 1) % LOG_EVERY == 0:
+                self._check_finite(loss_sum, epoch, progress.step)
+                bar.set_postfix(loss=f"{float(loss_sum) / seen:.3f}", err=f"{100 - 100 * int(correct) / seen:.2f}",
+                                img_s=f"{seen / (time.perf_counter() - start):.0f}")
+        bar.close()
+        self._check_finite(loss_sum, epoch, progress.step)
+        if rt.device.type == "cuda":
+            torch.cuda.synchronize(rt.device)
+        train_s = time.perf_counter() - start
+        totals = torch.stack([loss_sum, correct.double(), torch.tensor(float(seen), device=rt.device, dtype=torch.float64)])
+        if rt.distributed:
+            torch.distributed.all_reduce(totals)
+        loss_total, correct_total, seen_total = totals.tolist()
+
+        row: dict[str, Any] = {"epoch": epoch, "lr": lr, "train_loss": loss_total / seen_total,
+                               "train_err": 100.0 - 100.0 * correct_total / seen_total}
+        if self.val_loader is not None:
+            val = evaluate(self.forward_model, self.val_loader, rt, self.top5)
+            row.update(val_loss=val["loss"], val_err=val["err"])
+        test = evaluate(self.forward_model, self.test_loader, rt, self.top5)
+        row.update(test_loss=test["loss"], test_err=test["err"])
+        if self.top5:
+            row["test_top5_err"] = test["top5_err"]
+        epoch_s = time.perf_counter() - start
+        progress.wall_s += epoch_s
+        row.update(epoch_s=round(epoch_s, 3), images_per_s=round(seen_total / train_s, 1))
+        return row
+
+    def _check_finite(self, loss_sum: torch.Tensor, epoch: int, step: int) -> None:
+        if not torch.isfinite(loss_sum):
+            raise Diverged(f"non-finite training loss in epoch {epoch} (by step {step})")
+
+
+def check_same_config(saved: dict[str, Any], current: dict[str, Any], run_dir: Path) -> None:
+    """A checkpoint continues only the run it came from: refuse a changed config."""
+
+    def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in d.items():
+            name = f"{prefix}{key}"
+            if isinstance(value, dict) and key != "kwargs":
+                out.update(flat(value, name + "."))
+            else:
+                out[name] = value
+        return out
+
+    a, b = flat(saved), flat(current)
+    changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and not k.startswith(RESUME_FREE_KEYS))
+    if changed:
+        detail = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in changed[:5])
+        raise RunDirError(f"{run_dir} holds a run with another config ({detail}); "
+                         f"use another hydra.run.dir, or resume=never to start it over")
+
+
+def fit(cfg: DictConfig, run_dir: Path) -> int:
+    """Train the run described by `cfg` into `run_dir`; returns the process exit code."""
+    return Trainer(cfg, run_dir).fit()

@@ -1,0 +1,176 @@
+"""The run directory (docs/run_directory.md): config.yaml, metrics.jsonl, metrics.json.
+
+Everything the report and external tools read is written here, atomically. metrics.jsonl is
+rewritten from the checkpoint's history on resume, so a run killed between its checkpoint and
+its log line never shows an epoch twice.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import platform
+import socket
+import subprocess
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from sam_repro.engine.checkpoint import atomic_write, write_json
+from sam_repro.optim.factory import METHODS
+
+SCHEMA_VERSION = 1
+STATUSES = ("running", "completed", "diverged", "failed")
+
+
+def now_iso() -> str:
+    return dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat()
+
+
+def flat_config(cfg: DictConfig, precision: str) -> dict[str, Any]:
+    """The flat `config` block: the keys the report groups runs by."""
+    method = METHODS[cfg.optim.name]
+    sam = method.uses_sam
+    return {
+        "dataset": cfg.dataset.name,
+        "model": cfg.model.name,
+        "augment": cfg.augment.name,
+        "optimizer": cfg.optim.name,
+        "rho": cfg.optim.rho if sam else None,
+        "p": (2 if cfg.optim.p == 2 else "inf") if sam else None,
+        "adaptive": method.adaptive if sam else None,
+        "m": cfg.optim.m if sam else None,
+        "label_noise": cfg.dataset.label_noise,
+        "noise_kind": cfg.dataset.noise_kind,
+        "epochs": cfg.epochs,
+        "batch_size": cfg.batch_size,
+        "seed": cfg.seed,
+        "precision": precision,
+        "lr": cfg.optim.lr,
+        "weight_decay": cfg.optim.weight_decay,
+        "wd_mode": cfg.optim.wd_mode,
+        "bn_stats": cfg.optim.bn_stats if sam else None,
+        "label_smoothing": cfg.optim.label_smoothing,
+        "grad_clip": cfg.optim.grad_clip,
+        "val_fraction": cfg.dataset.val_fraction,
+        "train_steps": cfg.train_steps,
+    }
+
+
+def git_state() -> tuple[Optional[str], Optional[bool]]:
+    """(sha, dirty) of the sam-repro checkout this code runs from; (None, None) outside git."""
+    here = Path(__file__).resolve().parent
+    try:
+        sha = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        if sha.returncode != 0:
+            return None, None
+        status = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                                capture_output=True, text=True, timeout=10)
+        return sha.stdout.strip(), bool(status.stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        return None, None
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    """What produced the numbers: software versions, the device, the code's git sha."""
+    sha, dirty = git_state()
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
+    return {
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda if device.type == "cuda" else None,
+        "device": name,
+        "device_type": device.type,
+        "git_sha": sha,
+        "git_dirty": dirty,
+        "python": platform.python_version(),
+        "hostname": socket.gethostname(),
+    }
+
+
+def _finite(value: float) -> Optional[float]:
+    return value if value is not None and math.isfinite(value) else None
+
+
+def summary_block(row: dict[str, Any], epoch_key: bool = False) -> dict[str, Any]:
+    """final/best block from one epoch row of metrics.jsonl."""
+    block = {
+        "test_err": row["test_err"],
+        "test_acc": round(100.0 - row["test_err"], 6),
+        "test_loss": _finite(row["test_loss"]),
+        "train_loss": _finite(row["train_loss"]),
+        "train_err": row["train_err"],
+    }
+    for key in ("test_top5_err", "val_err", "val_loss"):
+        if key in row:
+            block[key] = row[key]
+    if epoch_key:
+        block["epoch"] = row["epoch"]
+    return block
+
+
+class RunLog:
+    """Writes the files of one run directory. Only rank 0 of a distributed run owns one."""
+
+    def __init__(self, run_dir: Path, experiment: str, config: dict[str, Any], env: dict[str, Any], data: dict[str, Any]) -> None:
+        self.run_dir = Path(run_dir)
+        self.summary: dict[str, Any] = {
+            "schema": SCHEMA_VERSION,
+            "status": "running",
+            "experiment": experiment,
+            "started_at": now_iso(),
+            "updated_at": now_iso(),
+            "config": config,
+            "final": None,
+            "best": None,
+            "epochs_done": 0,
+            "wall_s": 0.0,
+            "images_per_s": None,
+            "env": env,
+            "data": data,
+            "error": None,
+        }
+
+    @property
+    def jsonl(self) -> Path:
+        return self.run_dir / "metrics.jsonl"
+
+    def write_config(self, cfg: DictConfig) -> None:
+        atomic_write(self.run_dir / "config.yaml", lambda f: f.write(OmegaConf.to_yaml(cfg, resolve=True)), mode="w")
+
+    def restore(self, history: list[dict[str, Any]], started_at: Optional[str], wall_s: float) -> None:
+        """Resume: the history in the checkpoint is the truth; rewrite metrics.jsonl from it."""
+        text = "".join(json.dumps(row) + "\n" for row in history)
+        atomic_write(self.jsonl, lambda f: f.write(text), mode="w")
+        if started_at:
+            self.summary["started_at"] = started_at
+        self._update_from_history(history, wall_s)
+
+    def log_epoch(self, row: dict[str, Any], history: list[dict[str, Any]], wall_s: float) -> None:
+        with open(self.jsonl, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        self._update_from_history(history, wall_s)
+        self.write_summary()
+
+    def _update_from_history(self, history: list[dict[str, Any]], wall_s: float) -> None:
+        if not history:
+            return
+        best = min(history, key=lambda r: (r["test_err"], r["epoch"]))
+        self.summary.update(
+            final=summary_block(history[-1]),
+            best=summary_block(best, epoch_key=True),
+            epochs_done=history[-1]["epoch"],
+            wall_s=round(wall_s, 3),
+            images_per_s=round(sum(r["images_per_s"] for r in history) / len(history), 1),
+        )
+
+    def finish(self, status: str, error: Optional[str] = None) -> None:
+        assert status in STATUSES
+        self.summary["status"] = status
+        self.summary["error"] = error
+        self.write_summary()
+
+    def write_summary(self) -> None:
+        self.summary["updated_at"] = now_iso()
+        write_json(self.run_dir / "metrics.json", self.summary)

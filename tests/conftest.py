@@ -1,0 +1,37 @@
+"""Shared fixtures: composing the Hydra config in-process, and running `sam-train` for real."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig
+
+from sam_repro.config import config_dir, register_configs
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
+    """The config `sam-train <overrides>` would run, composed in-process (no run)."""
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(config_dir()), version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides))
+
+
+def sam_train(args: Sequence[str], cwd: Path, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run the installed `sam-train` console script (as a user would), capture its output."""
+    exe = Path(sys.executable).parent / "sam-train"
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "SAM_DATA": str(cwd / "no-data"), **(env or {})}
+    return subprocess.run([str(exe), *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+@pytest.fixture
+def composed():
+    return compose_config

@@ -1,0 +1,195 @@
+"""`sam-train` end to end on the CPU: the run directory, resume after a kill, divergence, bad input,
+missing data, sweeps, and a real image-folder dataset written by the test."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from sam_repro.engine.loop import Trainer
+from tests.conftest import compose_config, sam_train
+
+pytestmark = pytest.mark.slow
+TINY = ["experiment=smoke", "dataset.train_size=256", "dataset.test_size=128", "batch_size=64"]
+ROW_KEYS = {"epoch", "lr", "train_loss", "train_err", "test_loss", "test_err", "epoch_s", "images_per_s"}
+FLAT_KEYS = {"dataset", "model", "augment", "optimizer", "rho", "p", "adaptive", "m", "label_noise", "epochs",
+             "batch_size", "seed", "precision"}
+
+
+def only_run_dir(root: Path) -> Path:
+    """The one run directory Hydra made below `root` (its name encodes the overrides)."""
+    dirs = [p.parent for p in root.rglob(".hydra")]
+    assert len(dirs) == 1, dirs
+    return dirs[0]
+
+
+def read_rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_smoke_preset_writes_the_run_directory(tmp_path: Path) -> None:
+    start = time.perf_counter()
+    result = sam_train(["experiment=smoke", f"runs_root={tmp_path}"], cwd=tmp_path)
+    elapsed = time.perf_counter() - start
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "smoke"
+    assert {"config.yaml", "metrics.json", "metrics.jsonl", "checkpoint.pt", "train.log"} <= {p.name for p in run.iterdir()}
+    rows = read_rows(run)
+    assert [r["epoch"] for r in rows] == [1, 2, 3] and all(ROW_KEYS <= set(r) for r in rows)
+    summary = json.loads((run / "metrics.json").read_text())
+    assert summary["status"] == "completed" and summary["epochs_done"] == 3
+    assert FLAT_KEYS <= set(summary["config"]) and summary["config"]["optimizer"] == "sam"
+    assert summary["final"]["test_err"] == rows[-1]["test_err"]
+    assert summary["final"]["test_acc"] == pytest.approx(100 - rows[-1]["test_err"])
+    assert summary["best"]["test_err"] == min(r["test_err"] for r in rows)
+    assert summary["data"]["source"] == "synthetic" and summary["data"]["train_size"] == 1024
+    assert summary["env"]["torch"] == torch.__version__ and summary["env"]["git_sha"]
+    # It learns: the synthetic problem is easy, chance is 90 % error.
+    assert rows[-1]["test_err"] < 60
+    print(f"smoke run: {elapsed:.1f} s")
+
+    again = sam_train(["experiment=smoke", f"runs_root={tmp_path}"], cwd=tmp_path)
+    assert again.returncode == 0
+    assert read_rows(run) == rows, "re-running a completed configuration must not train again"
+
+
+def test_killed_run_resumes_to_the_same_result(tmp_path: Path) -> None:
+    args = [*TINY, "epochs=5", "engine.deterministic=true", "dataset.label_noise=0.2"]
+    straight = sam_train([*args, f"runs_root={tmp_path / 'a'}"], cwd=tmp_path)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+
+    run_a = only_run_dir(tmp_path / "a")
+    exe = Path(sys.executable).parent / "sam-train"
+    run_b = tmp_path / "b" / run_a.relative_to(tmp_path / "a")
+    proc = subprocess.Popen([str(exe), *args, f"runs_root={tmp_path / 'b'}"], cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "SAM_DATA": str(tmp_path / "elsewhere")})  # data moved: still resumes
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if (run_b / "metrics.jsonl").exists() and len(read_rows(run_b)) >= 2:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed = json.loads((run_b / "metrics.json").read_text())
+    assert killed["status"] == "running" and 2 <= killed["epochs_done"] < 5, "the kill must land mid-run"
+
+    resumed = sam_train([*args, f"runs_root={tmp_path / 'b'}"], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resuming" in (run_b / "train.log").read_text()
+    a, b = read_rows(run_a), read_rows(run_b)
+    timing = {"epoch_s", "images_per_s"}
+    assert [{k: v for k, v in r.items() if k not in timing} for r in a] == \
+           [{k: v for k, v in r.items() if k not in timing} for r in b]
+    sa, sb = (json.loads((d / "metrics.json").read_text()) for d in (run_a, run_b))
+    assert sa["final"] == sb["final"] and sa["best"] == sb["best"] and sb["status"] == "completed"
+    wa = torch.load(run_a / "checkpoint.pt", weights_only=False)["model"]
+    wb = torch.load(run_b / "checkpoint.pt", weights_only=False)["model"]
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_changed_config_in_an_existing_run_dir_is_refused(tmp_path: Path) -> None:
+    first = sam_train([*TINY, "epochs=1", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
+    assert first.returncode == 0, first.stderr[-3000:]
+    second = sam_train([*TINY, "epochs=1", "optim.lr=0.2", f"hydra.run.dir={tmp_path / 'run'}"], cwd=tmp_path)
+    assert second.returncode == 2 and "another config" in second.stderr and "optim.lr" in second.stderr
+    assert "Traceback" not in second.stderr
+
+
+def test_divergence_stops_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:
+    cfg = compose_config([*TINY, "epochs=3"])
+    trainer = Trainer(cfg, tmp_path)
+    real_step, calls = trainer.step, []
+
+    def poisoned(x: torch.Tensor, y: torch.Tensor):
+        calls.append(1)
+        if len(calls) == trainer.steps_per_epoch + 2:  # in epoch 2
+            with torch.no_grad():
+                next(trainer.model.parameters()).fill_(float("nan"))
+        return real_step(x, y)
+
+    trainer.step = poisoned
+    assert trainer.fit() == 1
+    summary = json.loads((tmp_path / "metrics.json").read_text())
+    assert summary["status"] == "diverged" and "non-finite" in summary["error"] and summary["epochs_done"] == 1
+    assert len(read_rows(tmp_path)) == 1
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
+    assert state["progress"]["epoch"] == 1
+    assert all(torch.isfinite(t).all() for t in state["model"].values() if t.is_floating_point())
+
+
+def test_bad_input_exits_2_with_one_line_per_problem(tmp_path: Path) -> None:
+    result = sam_train(["experiment=smoke", "optim.rho=-1", "optim.m=7", f"runs_root={tmp_path}"], cwd=tmp_path)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("sam-train: error:")]
+    assert len(errors) == 2
+    assert errors[0].startswith("sam-train: error: optim.rho=-1.0 is invalid: must be >= 0")
+    assert "optim.m=7" in errors[1] and "per-device batch (128)" in errors[1]
+    assert not list(tmp_path.rglob("metrics.json")), "nothing may run before validation"
+
+
+def test_missing_dataset_names_the_path_and_both_remedies(tmp_path: Path) -> None:
+    start = time.perf_counter()
+    result = sam_train(["dataset=cifar10", "model=resnet20", "engine=cpu", "epochs=1", f"runs_root={tmp_path}"],
+                       cwd=tmp_path, timeout=120)
+    assert result.returncode == 2
+    message = result.stderr
+    assert str(tmp_path / "no-data" / "cifar10") in message
+    assert "dataset.download=true" in message and "dataset.source=folder" in message
+    assert time.perf_counter() - start < 60  # no download attempt, no hang
+
+
+def write_image_folder(root: Path, per_class_train: int = 3, per_class_test: int = 1) -> None:
+    """A CIFAR-10-shaped image folder: 10 class folders of 32x32 PNG files, class = mean colour."""
+    rng = np.random.default_rng(0)
+    classes = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    for split, count in (("train", per_class_train), ("test", per_class_test)):
+        for index, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):
+                base = np.full((32, 32, 3), index * 25, dtype=np.int16)
+                img = np.clip(base + rng.integers(-20, 20, (32, 32, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(img).save(folder / f"{i:04d}.png")
+
+
+def test_real_data_path_on_an_image_folder(tmp_path: Path) -> None:
+    write_image_folder(tmp_path / "imgs")
+    result = sam_train(["dataset=cifar10", "dataset.source=folder", f"dataset.root={tmp_path / 'imgs'}",
+                        "model=resnet20", "engine=cpu", "epochs=2", "batch_size=10", "engine.eval_batch_size=10",
+                        f"runs_root={tmp_path / 'runs'}"], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(next((tmp_path / "runs").rglob("metrics.json")).read_text())
+    assert summary["status"] == "completed" and summary["data"]["source"] == "folder"
+    assert (summary["data"]["train_size"], summary["data"]["test_size"]) == (30, 10)
+    assert summary["data"]["root"] == str(tmp_path / "imgs")
+
+
+@pytest.mark.parametrize("launcher", ["basic", "joblib"])
+def test_sweep_writes_one_directory_per_configuration(tmp_path: Path, launcher: str) -> None:
+    extra = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"] if launcher == "joblib" else []
+    result = sam_train(["-m", *TINY, "epochs=1", "optim=sgd,sam", f"runs_root={tmp_path}", *extra], cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    found = {json.loads(p.read_text())["config"]["optimizer"]: p.parent.name
+             for p in (tmp_path / "smoke").glob("*/metrics.json")}
+    assert set(found) == {"sgd", "sam"}
+    assert "optim=sgd" in found["sgd"] and "optim=sam" in found["sam"]
+    for p in (tmp_path / "smoke").glob("*/metrics.json"):
+        assert json.loads(p.read_text())["status"] == "completed"
+
+
+def test_help_and_cfg_job(tmp_path: Path) -> None:
+    help_text = sam_train(["--help"], cwd=tmp_path)
+    assert help_text.returncode == 0 and "sam-train" in help_text.stdout and "experiment" in help_text.stdout
+    job = sam_train(["--cfg", "job", "experiment=t1_cifar100_wrn28_10_200ep", "optim=sgd"], cwd=tmp_path)
+    assert job.returncode == 0
+    assert "name: t1_cifar100_wrn28_10_200ep" in job.stdout and "name: sgd" in job.stdout

@@ -1,0 +1,122 @@
+"""The Hydra config tree: every preset composes and validates, with the paper's hyperparameters."""
+from __future__ import annotations
+
+import pytest
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+from sam_repro.config import config_dir
+from sam_repro.models import list_models
+from sam_repro.validate import ConfigError, validate
+from tests.conftest import compose_config
+
+PRESETS = sorted(p.stem for p in (config_dir() / "experiment").glob("*.yaml"))
+
+# The paper's numbers (PAPER.md), restated here independently of the YAML files.
+PAPER_SETTINGS = {
+    # preset: (dataset, model, lr, weight decay, rho, epochs)
+    "t1_cifar10_wrn28_10_200ep": ("cifar10", "wrn28_10", 0.1, 5e-4, 0.05, 200),
+    "t1_cifar100_wrn28_10_200ep": ("cifar100", "wrn28_10", 0.1, 5e-4, 0.1, 200),
+    "t1_cifar10_wrn28_10_1800ep": ("cifar10", "wrn28_10", 0.05, 1e-3, 0.05, 1800),
+    "t1_cifar100_wrn28_10_1800ep": ("cifar100", "wrn28_10", 0.05, 1e-3, 0.1, 1800),
+    "t1_cifar10_shakeshake": ("cifar10", "shakeshake26_2x96d", 0.02, 1e-3, 0.02, 1800),
+    "t1_cifar100_shakeshake": ("cifar100", "shakeshake26_2x96d", 0.02, 1e-3, 0.05, 1800),
+    "t1_cifar10_pyramidnet": ("cifar10", "pyramidnet272", 0.05, 5e-4, 0.05, 1800),
+    "t1_cifar100_pyramidnet": ("cifar100", "pyramidnet272", 0.05, 5e-4, 0.2, 1800),
+    "t1_cifar10_pyramidnet_shakedrop": ("cifar10", "pyramidnet272_shakedrop", 0.02, 5e-4, 0.05, 1800),
+    "t1_cifar100_pyramidnet_shakedrop": ("cifar100", "pyramidnet272_shakedrop", 0.05, 5e-4, 0.05, 1800),
+    "t4_cifar10_resnet32_noise20": ("cifar10", "resnet32", 0.1, 5e-4, 0.1, 200),
+    "t4_cifar10_resnet32_noise40": ("cifar10", "resnet32", 0.1, 5e-4, 0.1, 200),
+    "t4_cifar10_resnet32_noise60": ("cifar10", "resnet32", 0.1, 5e-4, 0.1, 200),
+    "t4_cifar10_resnet32_noise80": ("cifar10", "resnet32", 0.1, 5e-4, 0.05, 200),
+    "t5_svhn_wrn28_10": ("svhn", "wrn28_10", 0.01, 5e-4, 0.01, 200),
+    "t5_svhn_shakeshake": ("svhn", "shakeshake26_2x96d", 0.01, 5e-4, 0.01, 200),
+    "t5_fashion_mnist_wrn28_10": ("fashion_mnist", "wrn28_10", 0.1, 5e-4, 0.05, 200),
+    "t5_fashion_mnist_shakeshake": ("fashion_mnist", "shakeshake26_2x96d", 0.1, 5e-4, 0.02, 200),
+}
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_every_preset_composes_and_validates(preset: str) -> None:
+    for extra in ([], ["optim=sgd"], ["augment=cutout", "seed=3"]):
+        cfg = compose_config([f"experiment={preset}", *extra])
+        validate(cfg)
+        assert cfg.name == preset
+        OmegaConf.to_yaml(cfg, resolve=True)  # every interpolation resolves
+
+
+def test_paper_presets_carry_the_papers_hyperparameters() -> None:
+    assert set(PAPER_SETTINGS) <= set(PRESETS)
+    for preset, (dataset, model, lr, wd, rho, epochs) in PAPER_SETTINGS.items():
+        cfg = compose_config([f"experiment={preset}"])
+        got = (cfg.dataset.name, cfg.model.name, cfg.optim.lr, cfg.optim.weight_decay, cfg.optim.rho, cfg.epochs)
+        assert got == (dataset, model, lr, wd, rho, epochs), preset
+        assert cfg.batch_size == 256 and cfg.optim.momentum == 0.9 and cfg.optim.nesterov
+        assert cfg.sched.name == "cosine" and cfg.sched.warmup_epochs == 0
+    noise = {p: compose_config([f"experiment={p}"]).dataset.label_noise for p in PAPER_SETTINGS if p.startswith("t4")}
+    assert noise == {f"t4_cifar10_resnet32_noise{n}": n / 100 for n in (20, 40, 60, 80)}
+
+
+def test_official_semantics_are_the_defaults() -> None:
+    cfg = compose_config([])
+    assert cfg.optim.name == "sam" and cfg.optim.wd_mode == "loss" and cfg.optim.bn_stats == "first_pass"
+    assert cfg.optim.grad_clip == 5.0 and cfg.optim.true_gradient and cfg.optim.wd_on_bn
+    assert cfg.augment.pad_mode == "reflect" and cfg.resume == "auto"
+
+
+def test_augment_presets() -> None:
+    basic = compose_config(["augment=basic"]).augment
+    assert (basic.crop, basic.flip, basic.padding, basic.cutout, basic.autoaugment) == (True, True, 4, 0, None)
+    assert compose_config(["augment=cutout"]).augment.cutout == 16
+    aa = compose_config(["augment=autoaugment"]).augment
+    assert (aa.autoaugment, aa.cutout, aa.crop) == ("cifar10", 16, True)
+    assert compose_config(["augment=autoaugment_svhn"]).augment.autoaugment == "svhn"
+
+
+def test_every_registered_model_has_a_config_file_and_back() -> None:
+    files = {p.stem for p in (config_dir() / "model").glob("*.yaml")}
+    assert set(list_models()) <= files
+    for name in files:
+        assert compose_config([f"model={name}"]).model.name in list_models() or name == "timm"
+
+
+def test_unknown_key_and_wrong_type_fail_at_composition() -> None:
+    with pytest.raises(ConfigCompositionException):
+        compose_config(["optim.rhoo=0.1"])
+    with pytest.raises(ConfigCompositionException):
+        compose_config(["optim.rho=abc"])
+    with pytest.raises(ConfigCompositionException):
+        compose_config(["epochs=ten"])
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("optim.rho=-0.1", "optim.rho=-0.1"),
+        ("optim.p=3", "optim.p=3.0"),
+        ("optim.m=100", "optim.m=100"),
+        ("dataset.label_noise=1.0", "dataset.label_noise=1.0"),
+        ("epochs=0", "epochs=0"),
+        ("batch_size=0", "batch_size=0"),
+        ("model.name=resnet33", "model.name='resnet33'"),
+        ("dataset.noise_kind=pairs", "dataset.noise_kind='pairs'"),
+        ("optim.wd_mode=both", "optim.wd_mode='both'"),
+        ("engine.precision=fp8", "engine.precision='fp8'"),
+    ],
+)
+def test_bad_values_get_one_line_naming_key_value_and_allowed(override: str, key: str) -> None:
+    cfg = compose_config(["experiment=smoke", override])
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    assert len(err.value.problems) == 1
+    line = err.value.problems[0]
+    assert line.startswith(key) and ("must" in line or "choose one of" in line), line
+    assert "\n" not in line
+
+
+def test_unknown_names_list_the_valid_ones() -> None:
+    with pytest.raises(ConfigError) as err:
+        validate(compose_config(["model.name=resnet33", "dataset.name=mnist2", "dataset.source=folder"]))
+    model_line, dataset_line = sorted(err.value.problems, key=lambda s: not s.startswith("model"))
+    assert "wrn28_10" in model_line and "pyramidnet272_shakedrop" in model_line and "timm/<name>" in model_line
+    assert "cifar100" in dataset_line and "svhn" in dataset_line

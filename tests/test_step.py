@@ -1,0 +1,266 @@
+"""The one training step: each semantics switch against a naive reference written here."""
+from __future__ import annotations
+
+import copy
+import math
+from typing import Callable, Optional
+
+import pytest
+import torch
+from torch import nn
+
+from sam_repro.config import OptimConfig
+from sam_repro.engine.step import StepConfig, TrainStep
+from sam_repro.models import ShakeShake, set_true_gradient
+from sam_repro.optim.factory import build_optimizer
+
+LR, WD, RHO = 0.1, 5e-3, 0.3
+
+
+class TinyNet(nn.Module):
+    def __init__(self, dropout: float = 0.0, shake: bool = False) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+        self.conv_b = nn.Conv2d(3, 4, 3, padding=1) if shake else None
+        self.shake = ShakeShake() if shake else None
+        self.drop = nn.Dropout(dropout)
+        self.fc = nn.Linear(4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.bn(self.conv(x))
+        if self.shake is not None:
+            h = self.shake(h, self.conv_b(x))
+        h = torch.relu(h).mean(dim=(2, 3))
+        return self.fc(self.drop(h))
+
+
+def make(seed: int = 0, **kw) -> TinyNet:
+    torch.manual_seed(seed)
+    return TinyNet(**kw).double()
+
+
+def data(n: int = 8, seed: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 3, 5, 5, generator=g, dtype=torch.float64), torch.randint(0, 5, (n,), generator=g)
+
+
+def optim_cfg(name: str = "sam", **kw) -> OptimConfig:
+    base = dict(name=name, lr=LR, momentum=0.9, nesterov=True, weight_decay=WD, rho=RHO, eps=0.0, grad_clip=None)
+    base.update(kw)
+    return OptimConfig(**base)
+
+
+def engine_step(model: nn.Module, ocfg: OptimConfig, x, y, steps: int = 1, **step_kw) -> TrainStep:
+    opt, sam = build_optimizer(model, ocfg)
+    cfg = StepConfig(m=ocfg.m, bn_stats=ocfg.bn_stats, grad_clip=ocfg.grad_clip,
+                     label_smoothing=ocfg.label_smoothing, true_gradient=ocfg.true_gradient, **step_kw)
+    step = TrainStep(model, opt, sam, cfg)
+    model.train()
+    for _ in range(steps):
+        step(x, y)
+    return step
+
+
+# -- the naive reference: autograd on the literal objective, one parameter at a time ------------
+def grads_of(model: nn.Module, x, y, l2: float, smoothing: float = 0.0) -> list[torch.Tensor]:
+    model.zero_grad()
+    loss = nn.functional.cross_entropy(model(x), y, label_smoothing=smoothing)
+    loss = loss + 0.5 * l2 * sum((p**2).sum() for p in model.parameters())
+    loss.backward()
+    return [p.grad.clone() for p in model.parameters()]
+
+
+def reference_step(model: nn.Module, x, y, *, sam: bool, wd_mode: str = "loss", rho: float = RHO,
+                   m: Optional[int] = None, clip: Optional[float] = None, bufs: dict, smoothing: float = 0.0,
+                   freeze_second_bn: bool = True) -> None:
+    l2 = WD if wd_mode == "loss" else 0.0
+    chunks = list(zip(x.split(m), y.split(m))) if (sam and m) else [(x, y)]
+    total = [torch.zeros_like(p) for p in model.parameters()]
+    for xc, yc in chunks:
+        if not sam:
+            g = grads_of(model, xc, yc, l2, smoothing)
+        else:
+            g0 = grads_of(model, xc, yc, l2, smoothing)
+            norm = math.sqrt(sum(float((t**2).sum()) for t in g0))
+            w = [p.detach().clone() for p in model.parameters()]
+            with torch.no_grad():
+                for p, t in zip(model.parameters(), g0):
+                    p.add_(rho * t / norm)
+            stats = {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
+            g = grads_of(model, xc, yc, l2, smoothing)
+            if freeze_second_bn:
+                model.load_state_dict({**model.state_dict(), **stats})
+            with torch.no_grad():
+                for p, w0 in zip(model.parameters(), w):
+                    p.copy_(w0)
+        for acc, t in zip(total, g):
+            acc += t / len(chunks)
+    if clip is not None:
+        norm = math.sqrt(sum(float((t**2).sum()) for t in total))
+        total = [t * min(1.0, clip / (norm + 1e-6)) for t in total]
+    with torch.no_grad():
+        for i, (p, g) in enumerate(zip(model.parameters(), total)):
+            if wd_mode == "decoupled":
+                g = g + WD * p
+            buf = bufs.get(i)
+            buf = g.clone() if buf is None else buf.mul_(0.9).add_(g)
+            bufs[i] = buf
+            p.sub_(LR * (g + 0.9 * buf))
+
+
+def assert_same(a: nn.Module, b: nn.Module, buffers: bool = True) -> None:
+    for (name, t), u in zip(a.state_dict().items(), b.state_dict().values()):
+        if buffers or name in dict(a.named_parameters()):
+            torch.testing.assert_close(t, u, rtol=1e-10, atol=1e-12, msg=name)
+
+
+@pytest.mark.parametrize("name", ["sgd", "sam"])
+@pytest.mark.parametrize("wd_mode", ["loss", "decoupled"])
+def test_step_matches_the_literal_objective(name: str, wd_mode: str) -> None:
+    x, y = data()
+    ours, ref = make(), make()
+    engine_step(ours, optim_cfg(name, wd_mode=wd_mode), x, y, steps=3)
+    bufs: dict = {}
+    ref.train()
+    for _ in range(3):
+        reference_step(ref, x, y, sam=name == "sam", wd_mode=wd_mode, bufs=bufs)
+    assert_same(ours, ref)
+
+
+def test_wd_modes_really_differ_for_sam() -> None:
+    """In `loss` mode the decay enters e(w); in `decoupled` it does not: different weights."""
+    x, y = data()
+    a, b = make(), make()
+    engine_step(a, optim_cfg("sam", wd_mode="loss"), x, y, steps=2)
+    engine_step(b, optim_cfg("sam", wd_mode="decoupled"), x, y, steps=2)
+    assert not torch.allclose(a.fc.weight, b.fc.weight, atol=1e-8)
+
+
+def test_bn_running_stats_first_pass_only_or_both() -> None:
+    x, y = data()
+    first = make()
+    engine_step(first, optim_cfg("sam", bn_stats="first_pass"), x, y)
+    one_pass = make()
+    one_pass.train()
+    one_pass(x)  # the running statistics of ONE forward at w
+    torch.testing.assert_close(first.bn.running_mean, one_pass.bn.running_mean, rtol=0, atol=0)
+    torch.testing.assert_close(first.bn.running_var, one_pass.bn.running_var, rtol=0, atol=0)
+    assert int(first.bn.num_batches_tracked) == 1
+
+    both, ref = make(), make()
+    engine_step(both, optim_cfg("sam", bn_stats="both"), x, y)
+    ref.train()
+    reference_step(ref, x, y, sam=True, bufs={}, freeze_second_bn=False)
+    assert_same(both, ref)
+    assert int(both.bn.num_batches_tracked) == 2
+    assert not torch.allclose(both.bn.running_mean, first.bn.running_mean)
+
+
+@pytest.mark.parametrize("m", [2, 4])
+def test_m_sharpness_perturbs_each_chunk_with_its_own_gradient(m: int) -> None:
+    x, y = data(8)
+    ours, ref = make(), make()
+    engine_step(ours, optim_cfg("sam", m=m), x, y, steps=2)
+    bufs: dict = {}
+    ref.train()
+    for _ in range(2):
+        reference_step(ref, x, y, sam=True, m=m, bufs=bufs)
+    assert_same(ours, ref, buffers=False)  # BN counts differ: k chunk updates vs the reference's
+    whole = make()
+    engine_step(whole, optim_cfg("sam"), x, y, steps=2)
+    assert not torch.allclose(whole.fc.weight, ours.fc.weight, atol=1e-8)
+
+
+def test_grad_clip_applies_to_the_applied_gradient() -> None:
+    x, y = data()
+    ours, ref, unclipped = make(), make(), make()
+    engine_step(ours, optim_cfg("sam", grad_clip=0.05), x, y, steps=2)
+    engine_step(unclipped, optim_cfg("sam"), x, y, steps=2)
+    bufs: dict = {}
+    ref.train()
+    for _ in range(2):
+        reference_step(ref, x, y, sam=True, clip=0.05, bufs=bufs)
+    assert_same(ours, ref, buffers=False)
+    assert not torch.allclose(ours.fc.weight, unclipped.fc.weight, atol=1e-6)
+
+
+def test_label_smoothing() -> None:
+    x, y = data()
+    ours, ref = make(), make()
+    engine_step(ours, optim_cfg("sam", label_smoothing=0.1), x, y)
+    ref.train()
+    reference_step(ref, x, y, sam=True, bufs={}, smoothing=0.1)
+    assert_same(ours, ref)
+
+
+def test_both_passes_see_the_same_dropout_mask() -> None:
+    """rho=0 makes SAM's two passes evaluate the same point: with the mask replayed, the step is
+    exactly an SGD step taken from the same generator state; with a fresh mask it is not."""
+    x, y = data()
+    sam_net, sgd_net = make(dropout=0.5), make(dropout=0.5)
+    torch.manual_seed(42)
+    engine_step(sam_net, optim_cfg("sam", rho=0.0), x, y)
+    torch.manual_seed(42)
+    engine_step(sgd_net, optim_cfg("sgd"), x, y)
+    assert_same(sam_net, sgd_net, buffers=False)
+
+
+class RecordingStep(TrainStep):
+    """Records the gradient SAM's first_step perturbs with."""
+
+    def __init__(self, *args, **kw) -> None:
+        super().__init__(*args, **kw)
+        self.first_grads: list[torch.Tensor] = []
+        original = self.sam.first_step
+
+        def first_step(zero_grad: bool = False) -> None:
+            self.first_grads = [p.grad.clone() for p in self.params]
+            original(zero_grad=zero_grad)
+
+        self.sam.first_step = first_step  # type: ignore[method-assign]
+
+
+@pytest.mark.parametrize("true_gradient", [True, False])
+def test_first_pass_uses_the_true_gradient_of_shake_layers(true_gradient: bool) -> None:
+    x, y = data()
+    net = make(shake=True)
+    ocfg = optim_cfg("sam", true_gradient=true_gradient)
+    opt, sam = build_optimizer(net, ocfg)
+    step = RecordingStep(net, opt, sam, StepConfig(true_gradient=true_gradient))
+    reference = make(shake=True)
+    net.train()
+    reference.train()
+    torch.manual_seed(7)
+    step(x, y)
+    torch.manual_seed(7)  # same draws as the engine's first pass
+    set_true_gradient(reference, true_gradient)
+    expected = grads_of(reference, x, y, WD)
+    for got, want in zip(step.first_grads, expected):
+        torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
+    torch.manual_seed(7)
+    set_true_gradient(reference, not true_gradient)
+    other = grads_of(reference, x, y, WD)
+    assert any(not torch.allclose(g, o) for g, o in zip(step.first_grads, other))
+    assert all(layer.true_gradient is False for layer in step._stochastic), "the second pass is a normal pass"
+
+
+def test_stats_come_from_the_applied_pass() -> None:
+    x, y = data()
+    net = make()
+    opt, sam = build_optimizer(net, optim_cfg("sam"))
+    step = TrainStep(net, opt, sam, StepConfig())
+    net.train()
+    probe = copy.deepcopy(net)
+    stats = step(x, y)
+    # The perturbed pass's loss: recompute at w + e from a copy of the starting point.
+    g = grads_of(probe, x, y, WD)
+    norm = math.sqrt(sum(float((t**2).sum()) for t in g))
+    with torch.no_grad():
+        for p, t in zip(probe.parameters(), g):
+            p.add_(RHO * t / norm)
+    logits = probe(x)
+    expected = nn.functional.cross_entropy(logits, y) * x.shape[0]
+    torch.testing.assert_close(stats.loss_sum, expected.detach().to(stats.loss_sum.dtype), rtol=1e-9, atol=1e-9)
+    assert int(stats.correct) == int((logits.argmax(1) == y).sum())
+    assert stats.count == 8
