@@ -1,0 +1,202 @@
+"""Plots next to the tables: learning curves, label noise, rho sweeps (PNG, byte-reproducible).
+
+Each function returns a `Plot`: the DataFrame it drew (so tests can check the numbers behind a
+figure) and the files it wrote. Figures are plain `matplotlib.figure.Figure`s saved through the Agg
+renderer (no pyplot: no global backend switch, no display needed), drawn under the default style
+(a user's matplotlibrc cannot change the bytes) and saved without the PNG 'Software' tag, which
+carries the matplotlib version.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import matplotlib.style
+import pandas as pd
+from matplotlib.figure import Figure
+from matplotlib.ticker import FixedFormatter, FixedLocator, MaxNLocator, NullLocator
+
+from sam_repro.report.load import load_curve
+from sam_repro.report.tables import Table, t_interval
+
+PNG_METADATA = {"Software": None}
+COLORS = {"sgd": "tab:blue", "sam": "tab:red", "asam": "tab:green"}
+# Further lines of one optimizer (several rho values in one figure) take the next color in line.
+MORE_COLORS = ("tab:orange", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray")
+# Fields that tell SAM and SGD apart within one setting (SGD logs them as null).
+OPTIMIZER_FIELDS = ("optimizer", "rho", "p", "adaptive", "m")
+
+
+@dataclass
+class Plot:
+    """What a plot function drew (`data`) and the PNG files it wrote."""
+
+    data: pd.DataFrame
+    files: list[Path] = field(default_factory=list)
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    fig.savefig(path, format="png", dpi=100, metadata=PNG_METADATA)
+    return path
+
+
+def _new_figure() -> tuple[Figure, Any]:
+    with matplotlib.style.context("default"):
+        fig = Figure(figsize=(6.4, 4.2), layout="constrained")
+        return fig, fig.subplots()
+
+
+def _real_runs(runs: pd.DataFrame) -> pd.DataFrame:
+    """Synthetic-data runs are pipeline checks: never plotted as results."""
+    return runs[runs["data.source"] != "synthetic"] if "data.source" in runs else runs
+
+
+def _stem(setting: dict[str, Any]) -> str:
+    """A readable file stem for a setting: cifar10_wrn28_10_basic_200ep[_noise20][_bs128][_folder]."""
+    model = str(setting.get("model")).replace("/", "-")
+    stem = f"{setting.get('dataset')}_{model}_{setting.get('augment')}_{setting.get('epochs')}ep"
+    noise = setting.get("label_noise") or 0.0
+    if noise:
+        stem += f"_noise{round(noise * 100)}"
+    if setting.get("batch_size") != 256:
+        stem += f"_bs{setting.get('batch_size')}"
+    if setting.get("data.source") != "torchvision":
+        stem += f"_{setting.get('data.source')}"
+    return stem
+
+
+def _unique_stems(keys: list[str]) -> dict[str, str]:
+    """Stems per setting key; settings that differ only in fields the stem omits get a short hash."""
+    stems = {k: _stem(json.loads(k)) for k in keys}
+    counts = pd.Series(list(stems.values())).value_counts()
+    return {k: s if counts[s] == 1 else f"{s}_{hashlib.sha1(k.encode()).hexdigest()[:6]}"
+            for k, s in stems.items()}
+
+
+def _without(key: str, fields: tuple[str, ...]) -> str:
+    setting = json.loads(key)
+    return json.dumps({k: v for k, v in setting.items() if k not in fields}, sort_keys=True)
+
+
+def _line_label(setting: dict[str, Any]) -> str:
+    opt = str(setting.get("optimizer"))
+    return opt.upper() if setting.get("rho") is None else f"{opt.upper()} rho={setting['rho']:g}"
+
+
+def learning_curves(runs: pd.DataFrame, out: Path) -> Plot:
+    """Test error vs epoch, one figure per setting, SAM and SGD overlaid: mean over seeds and
+    a min-max band. Returns one row per (figure, line, epoch): mean, min, max, n."""
+    runs = _real_runs(runs)
+    rows = []
+    for r in runs.itertuples():
+        curve = load_curve(r.abs_dir)
+        if curve.empty:
+            continue
+        setting = json.loads(r.setting_key)
+        for epoch, err in zip(curve["epoch"], curve["test_err"]):
+            rows.append({"figure_key": _without(r.setting_key, OPTIMIZER_FIELDS),
+                         "optimizer": setting.get("optimizer"), "rho": setting.get("rho"),
+                         "line": _line_label(setting), "epoch": int(epoch), "test_err": float(err)})
+    columns = ["figure", "optimizer", "rho", "line", "epoch", "mean", "min", "max", "n"]
+    if not rows:
+        return Plot(pd.DataFrame(columns=columns))
+    long = pd.DataFrame(rows)
+    stems = _unique_stems(sorted(set(long["figure_key"])))
+    long["figure"] = "curves_" + long["figure_key"].map(stems)
+    agg = (long.groupby(["figure", "line", "epoch"], sort=True)
+           .agg(optimizer=("optimizer", "first"), rho=("rho", "first"), mean=("test_err", "mean"),
+                min=("test_err", "min"), max=("test_err", "max"), n=("test_err", "size"))
+           .reset_index()[columns])
+    files = []
+    for name, fig_data in agg.groupby("figure", sort=True):
+        fig, ax = _new_figure()
+        spare = iter(MORE_COLORS * 10)
+        used: set[str] = set()
+        for line, d in fig_data.groupby("line", sort=True):
+            opt = str(d["optimizer"].iloc[0])
+            color = COLORS.get(opt) if opt not in used else next(spare)
+            used.add(opt)
+            ax.plot(d["epoch"], d["mean"], label=f"{line} (n={int(d['n'].max())})", color=color, lw=1.2)
+            ax.fill_between(d["epoch"], d["min"], d["max"], color=color, alpha=0.2, lw=0)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set(xlabel="epoch", ylabel="test error (%)", title=name.removeprefix("curves_"))
+        ax.legend(title="mean, min-max band over seeds", fontsize="small")
+        files.append(_save(fig, out / f"{name}.png"))
+    return Plot(agg, files)
+
+
+def label_noise(table4: Table, out: Path) -> Plot:
+    """Clean test accuracy vs noise rate, SAM vs SGD: ours (mean ± CI, from Table 4's paper-setting
+    cells) and the paper's points. Always drawn: with no runs it shows the paper alone."""
+    rows = []
+    for r in table4.data.itertuples():
+        for method in ("sam", "sgd"):
+            noise = round(r.label_noise * 100)
+            rows.append({"noise": noise, "method": method, "who": "paper",
+                         "acc": getattr(r, f"{method}_paper"), "ci95": math.nan, "n": 0})
+            rows.append({"noise": noise, "method": method, "who": "ours",
+                         "acc": getattr(r, f"{method}_mean"), "ci95": getattr(r, f"{method}_ci95"),
+                         "n": getattr(r, f"{method}_n")})
+    data = pd.DataFrame(rows).sort_values(["who", "method", "noise"], kind="stable").reset_index(drop=True)
+    fig, ax = _new_figure()
+    for (who, method), d in data.groupby(["who", "method"], sort=True):
+        color = COLORS[method]
+        if who == "paper":
+            ax.plot(d["noise"], d["acc"], "o--", color=color, mfc="none", label=f"{method.upper()} (paper)")
+            continue
+        d = d[d["n"] > 0]
+        if len(d):
+            ax.errorbar(d["noise"], d["acc"], yerr=d["ci95"].fillna(0), fmt="s-", color=color,
+                        capsize=3, label=f"{method.upper()} (ours, 95% CI)")
+    ax.set(xlabel="label noise (%)", ylabel="clean test accuracy (%)", xticks=[20, 40, 60, 80],
+           title="CIFAR-10, ResNet-32: label noise")
+    ax.legend(fontsize="small")
+    return Plot(data, [_save(fig, out / "label_noise.png")])
+
+
+def rho_sweep(runs: pd.DataFrame, out: Path) -> Plot:
+    """Test error vs rho for each setting with SAM runs at two or more rho values; the SGD runs of
+    the same setting, where present, as a dashed line. Returns one row per (figure, rho)."""
+    runs = _real_runs(runs)
+    columns = ["figure", "optimizer", "rho", "mean", "ci95", "min", "max", "n"]
+    sam = runs[runs["optimizer"].isin(["sam", "asam"])]
+    if sam.empty:
+        return Plot(pd.DataFrame(columns=columns))
+    sam = sam.assign(sweep_key=[_without(k, ("rho",)) for k in sam["setting_key"]])
+    sweeps = [k for k, g in sam.groupby("sweep_key", sort=True) if g["rho"].nunique() >= 2]
+    stems = _unique_stems(sweeps)
+    sgd_keys = runs[runs["optimizer"] == "sgd"]["setting_key"].map(lambda k: _without(k, OPTIMIZER_FIELDS))
+    rows, files = [], []
+    for key in sweeps:
+        name = "rho_" + stems[key]
+        g = sam[sam["sweep_key"] == key]
+        for rho, d in g.groupby("rho", sort=True):
+            s = t_interval(d["final.test_err"].astype(float))
+            rows.append({"figure": name, "optimizer": g["optimizer"].iloc[0], "rho": float(rho),
+                         "mean": s.mean, "ci95": s.ci95, "min": d["final.test_err"].min(),
+                         "max": d["final.test_err"].max(), "n": s.n})
+        base = runs[runs["optimizer"] == "sgd"][sgd_keys == _without(key, OPTIMIZER_FIELDS)]
+        if len(base):
+            s = t_interval(base["final.test_err"].astype(float))
+            rows.append({"figure": name, "optimizer": "sgd", "rho": 0.0, "mean": s.mean, "ci95": s.ci95,
+                         "min": base["final.test_err"].min(), "max": base["final.test_err"].max(), "n": s.n})
+        d = pd.DataFrame([r for r in rows if r["figure"] == name])
+        fig, ax = _new_figure()
+        pts = d[d["optimizer"] != "sgd"]
+        opt = str(pts["optimizer"].iloc[0])
+        ax.errorbar(pts["rho"], pts["mean"], yerr=pts["ci95"].fillna(0), fmt="o-", color=COLORS[opt],
+                    capsize=3, label=f"{opt.upper()} (mean ± 95% CI)")
+        for r in d[d["optimizer"] == "sgd"].itertuples():
+            ax.axhline(r.mean, ls="--", color=COLORS["sgd"], label=f"SGD (n={r.n})")
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(FixedLocator(sorted(pts["rho"])))
+        ax.xaxis.set_major_formatter(FixedFormatter([f"{r:g}" for r in sorted(pts["rho"])]))
+        ax.xaxis.set_minor_locator(NullLocator())
+        ax.set(xlabel="rho", ylabel="final test error (%)", title=stems[key])
+        ax.legend(fontsize="small")
+        files.append(_save(fig, out / f"{name}.png"))
+    return Plot(pd.DataFrame(rows, columns=columns), files)

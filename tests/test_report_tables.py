@@ -1,0 +1,266 @@
+"""sam_repro.report tables: aggregation, matching to paper cells, budget table, README, CLI, bytes."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from tests.conftest_report import FIX, SKIPPED_REASONS, build_runs, report, runs_root, write_run  # noqa: F401
+from scipy import stats
+
+from sam_repro.report import generate
+from sam_repro.report.cli import main
+from sam_repro.report.paper import paper_csv
+from sam_repro.report.tables import t_interval
+
+# t_{0.975, n-1} for n = 3 and 5, hard-coded. They agree with the exact values (scipy; for n = 3
+# 0.95 * sqrt(2 / (1 - 0.95**2)) = 4.30265272974946) to ~4e-11 relative, hence rel=1e-9 below.
+T3 = 4.302652729911275
+T5 = 2.7764451051977987
+REL = 1e-9
+
+
+def ci(values: list[float], t: float) -> tuple[float, float]:
+    """Mean and 95% half-width, computed independently of the report."""
+    x = np.array(values)
+    return float(x.mean()), t * float(x.std(ddof=1)) / math.sqrt(len(x))
+
+
+def row(table: pd.DataFrame, **where: object) -> pd.Series:
+    sel = table
+    for k, v in where.items():
+        sel = sel[sel[k] == v]
+    assert len(sel) == 1, where
+    return sel.iloc[0]
+
+
+def test_t_interval_matches_scipy_and_the_hard_coded_quantiles() -> None:
+    for values, t in ((FIX["t1_c10_sam"], T3), (FIX["t1_c10_sgd"], T5)):
+        n = len(values)
+        mean, half = ci(values, t)
+        s = t_interval(values)
+        assert (s.n, s.mean) == (n, pytest.approx(mean, abs=1e-12))
+        assert s.ci95 == pytest.approx(half, rel=REL)
+        exact = stats.t.ppf(0.975, n - 1) * np.std(values, ddof=1) / math.sqrt(n)
+        assert s.ci95 == pytest.approx(exact, rel=1e-14)
+    one = t_interval([3.0])
+    assert (one.n, one.mean) == (1, 3.0) and math.isnan(one.ci95)
+    assert t_interval([]).n == 0
+
+
+def test_table1_cell_means_cis_n_and_differences(report) -> None:
+    t1 = report.tables[0].data
+    r = row(t1, dataset="cifar10", model="wrn28_10", epochs=200, augment="basic")
+    sam_mean, sam_ci = ci(FIX["t1_c10_sam"], T3)
+    sgd_mean, sgd_ci = ci(FIX["t1_c10_sgd"], T5)  # the 2x-epoch runs (3.85) are worse: not shown
+    assert (r["sam_n"], r["sgd_n"]) == (3, 5)  # the duplicate counted once; folder/15-epoch runs not at all
+    assert r["sam_mean"] == pytest.approx(sam_mean, abs=1e-12)
+    assert r["sam_ci95"] == pytest.approx(sam_ci, rel=REL)
+    assert r["sgd_mean"] == pytest.approx(sgd_mean, abs=1e-12)
+    assert r["sgd_ci95"] == pytest.approx(sgd_ci, rel=REL)
+    assert r["diff_ours"] == pytest.approx(sam_mean - sgd_mean, abs=1e-12)
+    assert (r["sam_paper"], r["sgd_paper"], r["sam_paper_ci95"]) == (2.7, 3.5, "0.1")
+    assert r["diff_paper"] == pytest.approx(-0.8)
+    disp = report.tables[0].display.iloc[0]
+    assert disp["SAM (ours)"] == f"{sam_mean:.2f} ± {sam_ci:.2f} (n=3)" == "2.75 ± 0.37 (n=3)"
+    assert (disp["SAM (paper)"], disp["SGD (paper)"]) == ("2.7 ± 0.1", "3.5 ± 0.1")
+    assert (disp["SAM-SGD (ours)"], disp["SAM-SGD (paper)"]) == ("-0.75", "-0.8")
+
+
+def test_sgd_cell_shows_the_better_of_1x_and_2x_epochs(report) -> None:
+    t1 = report.tables[0]
+    r = row(t1.data, dataset="cifar100", model="wrn28_10", epochs=200, augment="basic")
+    mean, half = ci(FIX["t1_c100_sgd_400"], stats.t.ppf(0.975, 1))
+    assert (r["sgd_n"], r["sgd_mean"]) == (2, pytest.approx(mean))
+    assert r["sgd_ci95"] == pytest.approx(half, rel=1e-12)
+    assert t1.display.iloc[1]["SGD (ours)"] == "18.70 ± 1.27 (n=2, 400 ep)"
+    assert r["sam_n"] == 0 and math.isnan(r["diff_ours"])
+    assert any("also 19.10 ± 1.27 (n=2) with epochs 200" in n for n in t1.notes)
+
+
+def test_table4_label_noise_accuracy(report) -> None:
+    t4 = report.tables[3].data
+    r = row(t4, label_noise=0.2)
+    sam_mean, sam_ci = ci(FIX["t4_sam_acc"], T3)
+    sgd_mean, _ = ci(FIX["t4_sgd_acc"], T3)
+    assert r["sam_mean"] == pytest.approx(sam_mean) and r["sam_ci95"] == pytest.approx(sam_ci, rel=REL)
+    assert r["diff_ours"] == pytest.approx(sam_mean - sgd_mean)
+    assert (r["sam_paper"], r["sgd_paper"]) == (95.1, 84.8)
+    # The 80 % run used rho 0.1 (the paper: 0.05): never merged into the cell.
+    assert row(t4, label_noise=0.8)["sam_n"] == 0
+
+
+def test_table5_fashion_mnist_cutout_fills_the_autoaugment_column_with_n1(report) -> None:
+    t5 = report.tables[4]
+    r = row(t5.data, dataset="fashion_mnist", model="wrn28_10", augment="autoaugment")
+    assert (r["sam_n"], r["sam_mean"], r["sam_paper"]) == (1, 3.70, 3.61)
+    assert math.isnan(r["sam_ci95"])
+    i = t5.data.index[(t5.data["dataset"] == "fashion_mnist") & (t5.data["model"] == "wrn28_10")
+                      & (t5.data["augment"] == "autoaugment")][0]
+    assert t5.display.loc[i, "SAM (ours)"] == "3.70 (n=1)"
+    assert row(t5.data, dataset="fashion_mnist", model="wrn28_10", augment="basic")["sam_n"] == 0
+
+
+def test_table2_top1_and_top5_from_one_run(report) -> None:
+    t2 = report.tables[1].data
+    top1 = row(t2, model="resnet50", epochs=100, metric="top1_err")
+    top5 = row(t2, model="resnet50", epochs=100, metric="top5_err")
+    assert top1["sam_mean"] == pytest.approx(np.mean(FIX["t2_r50_top1"]))
+    assert top5["sam_mean"] == pytest.approx(np.mean(FIX["t2_r50_top5"]))
+    assert (top1["sam_paper"], top5["sam_paper"]) == (22.5, 6.28)
+
+
+def test_budget_runs_are_listed_with_their_differences_and_never_merged(report) -> None:
+    b = report.budget.data
+    folder = row(b, **{"data.source": "folder"})
+    assert folder["differences"] == "data folder (paper torchvision)"
+    assert (folder["n"], folder["mean"], folder["paper"]) == (1, 3.10, 2.7)
+    short = row(b, epochs=15, rho=0.05, optimizer="sam")
+    assert short["differences"] == "epochs 15 (paper 200)"
+    assert row(b, epochs=15, rho=0.1, optimizer="sam")["differences"] == "rho 0.1 (paper 0.05); epochs 15 (paper 200)"
+    assert row(b, epochs=15, optimizer="sgd")["differences"] == "epochs 15 (paper 200 or 400)"
+    assert row(b, label_noise=0.8)["differences"] == "rho 0.1 (paper 0.05)"
+    md = (Path(report.files[0]).parent / "budget.md").read_text()
+    assert "| epochs 15 (paper 200) " in md and "data folder (paper torchvision)" in md
+
+
+def test_synthetic_runs_are_labelled_and_never_results(report) -> None:
+    b = report.budget.data
+    synth = row(b, kind="synthetic")
+    assert synth["data.source"] == "synthetic" and synth["differences"] == ""
+    out = Path(report.files[0]).parent
+    md = (out / "budget.md").read_text()
+    assert "## Synthetic-data runs (pipeline checks, not results)" in md
+    assert "synthetic data: a pipeline check, not a result" in md
+    for n in range(1, 6):
+        assert "synthetic" not in (out / f"table{n}.md").read_text()
+
+
+def test_fill_commands_for_empty_cells(report) -> None:
+    out = Path(report.files[0]).parent
+    t1 = (out / "table1.md").read_text()
+    assert "`sam-train -m experiment=t1_cifar10_wrn28_10_1800ep augment=cutout optim=sam,sgd seed=0,1,2,3,4`" in t1
+    assert "`sam-train -m experiment=t1_cifar10_pyramidnet_shakedrop augment=autoaugment optim=sam,sgd " \
+           "seed=0,1,2,3,4`" in t1
+    assert "`bash scripts/table1.sh`" in t1
+    # A row with SAM filled and SGD empty asks for SGD only; a full row asks for nothing.
+    assert "experiment=t1_cifar100_wrn28_10_200ep augment=basic optim=sam seed=" in t1
+    assert "t1_cifar10_wrn28_10_200ep augment=basic" not in t1
+    t5 = (out / "table5.md").read_text()
+    assert "`sam-train -m experiment=t5_fashion_mnist_wrn28_10 augment=cutout optim=sgd seed=0,1,2,3,4`" in t5
+    assert "`sam-train -m experiment=t5_svhn_shakeshake augment=autoaugment_svhn optim=sam,sgd seed=0,1,2,3,4`" in t5
+    t4 = (out / "table4.md").read_text()
+    assert "`sam-train -m experiment=t4_cifar10_resnet32_noise80 optim=sam,sgd seed=0,1,2,3,4`" in t4
+    assert "noise20 optim" not in t4
+    t2 = (out / "table2.md").read_text()
+    assert t2.count("experiment=t2_imagenet_resnet152_400ep optim=sam,sgd") == 1  # one per row, not per metric
+    t3 = (out / "table3.md").read_text()
+    assert "experiment=t3_flowers102_efficientnet_l2 optim=sam,sgd" in t3
+
+
+def test_readme_summary(report) -> None:
+    text = (Path(report.files[0])).read_text()
+    assert "Paper cells filled: **8 of 156** (Table 1: 3/60, Table 2: 2/36, Table 3: 0/36, " \
+           "Table 4: 2/8, Table 5: 1/16)" in text
+    assert "NVIDIA H100 80GB HBM3 (23 runs)" in text
+    assert "RTX 4090" not in text  # only budget runs ran there
+    dev = text.split("## Largest deviations")[1].split("## Files")[0]
+    # Ours minus paper, largest first: SGD at 20 % noise (82.0 vs 84.8) leads.
+    body = [line for line in dev.splitlines() if line.startswith("| table")]  # header is "| table "
+    assert len(body) == 1 + 5
+    assert [c.strip() for c in body[1].split("|")[1:4]] == ["table4", "20%", "SGD"]
+    assert "| -2.80 " in body[1] and "| +0.05 " in body[5]
+    for name in ("table1.md", "table5.csv", "budget.md", "label_noise.png",
+                 "curves_cifar10_wrn28_10_basic_200ep.png", "rho_cifar10_wrn28_10_basic_15ep.png"):
+        assert f"({name})" in text
+    skipped = text.split("## Skipped / not final")[1]
+    for run_dir, reason in SKIPPED_REASONS.items():
+        assert run_dir in skipped and reason in skipped
+
+
+def test_paper_csv_is_the_shared_reference_byte_for_byte() -> None:
+    shared = Path("/work/shared/reference/paper_tables.csv")
+    ours = Path(__file__).resolve().parents[1] / "sam_repro/report/paper_tables.csv"
+    if shared.exists():
+        assert ours.read_bytes() == shared.read_bytes()
+    df = paper_csv()
+    assert len(df) == 214 and set(df["table"]) == {1, 2, 3, 4, 5}
+
+
+def test_two_generations_are_byte_identical(runs_root: Path, tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    generate(runs_root, a)
+    generate(runs_root, b)
+    files = sorted(p.name for p in a.iterdir())
+    assert files == sorted(p.name for p in b.iterdir())
+    assert any(f.endswith(".png") for f in files) and "README.md" in files
+    for name in files:
+        assert (a / name).read_bytes() == (b / name).read_bytes(), name
+
+
+def test_regenerating_removes_plots_of_settings_that_are_gone(tmp_path: Path) -> None:
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    write_run(runs, "r", test_err=3.0, curve=[10.0, 3.0])
+    generate(runs, out)
+    assert (out / "curves_cifar10_wrn28_10_basic_200ep.png").exists()
+    (runs / "r" / "metrics.json").unlink()
+    generate(runs, out)
+    assert not (out / "curves_cifar10_wrn28_10_basic_200ep.png").exists()
+
+
+def test_cli_on_an_empty_runs_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "runs").mkdir()
+    out = tmp_path / "tables"
+    assert main(["--runs", str(tmp_path / "runs"), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "0 completed runs" in printed and "table1: 0/60 paper cells filled" in printed
+    assert "sam-train -m experiment=t1_cifar10_wrn28_10_200ep augment=basic optim=sam,sgd seed=0,1,2,3,4" in printed
+    assert "bash scripts/table4.sh" in printed
+    for n in range(1, 6):
+        data = pd.read_csv(out / f"table{n}.csv")
+        assert (data["sam_n"] == 0).all() and data["sam_mean"].isna().all()
+        assert "| —  " in (out / f"table{n}.md").read_text()
+    assert "**0 of 156**" in (out / "README.md").read_text()
+
+
+def test_cli_on_a_missing_runs_dir_and_with_fixture_runs(runs_root: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--runs", str(tmp_path / "absent"), "--out", str(tmp_path / "t")]) == 0
+    assert (tmp_path / "t" / "table1.md").exists()
+    capsys.readouterr()
+    assert main(["--runs", str(runs_root), "--out", str(tmp_path / "u")]) == 0
+    printed = capsys.readouterr().out
+    assert "32 completed runs" in printed and "8 skipped" in printed
+    assert "skipped bad/running: status running (3 of 200 epochs)" in printed
+    assert "table1: 3/60 paper cells filled" in printed
+
+
+def test_presets_named_by_fill_commands_produce_runs_that_fill_those_cells() -> None:
+    """The fill command of every Table 1/4/5 cell names a preset whose composed config is exactly
+    the setting the report accepts for that cell (else a preset's runs would land in budget.md)."""
+    import re
+
+    from sam_repro.report.paper import expected, fill_command
+    from sam_repro.report.tables import differences, paper_cells
+    from tests.conftest import REPO, compose_config
+
+    checked = 0
+    for _, cell in paper_cells().iterrows():
+        if cell["table"] not in (1, 4, 5):
+            continue  # ImageNet / finetuning presets do not exist yet
+        cmd = fill_command(int(cell["table"]), cell, [cell["method"]])
+        overrides = [o for o in re.findall(r"(\S+=\S+)", cmd) if not o.startswith("seed=")]
+        assert (REPO / "configs/experiment" / f"{overrides[0].split('=')[1]}.yaml").is_file(), cmd
+        cfg = compose_config(overrides)
+        setting = {
+            "dataset": cfg.dataset.name, "model": cfg.model.name, "augment": cfg.augment.name,
+            "optimizer": cfg.optim.name, "rho": cfg.optim.rho if cfg.optim.name != "sgd" else None,
+            "p": 2 if cfg.optim.p == 2 else "inf", "label_noise": cfg.dataset.label_noise,
+            "epochs": cfg.epochs, "batch_size": cfg.batch_size, "train_steps": cfg.train_steps,
+            "data.source": cfg.dataset.source, "val_fraction": cfg.dataset.val_fraction,
+        }
+        assert differences(setting, expected(cell)) == [], cmd
+        checked += 1
+    assert checked == 60 + 8 + 16
