@@ -244,6 +244,7 @@ def test_presets_named_by_fill_commands_produce_runs_that_fill_those_cells() -> 
 
     from sam_repro.report.paper import expected, fill_command
     from sam_repro.report.tables import differences, paper_cells
+    from sam_repro.runlog import flat_config
     from tests.conftest import REPO, compose_config
 
     checked = 0
@@ -254,13 +255,7 @@ def test_presets_named_by_fill_commands_produce_runs_that_fill_those_cells() -> 
         overrides = [o for o in re.findall(r"(\S+=\S+)", cmd) if not o.startswith("seed=")]
         assert (REPO / "configs/experiment" / f"{overrides[0].split('=')[1]}.yaml").is_file(), cmd
         cfg = compose_config(overrides)
-        setting = {
-            "dataset": cfg.dataset.name, "model": cfg.model.name, "augment": cfg.augment.name,
-            "optimizer": cfg.optim.name, "rho": cfg.optim.rho if cfg.optim.name != "sgd" else None,
-            "p": 2 if cfg.optim.p == 2 else "inf", "label_noise": cfg.dataset.label_noise,
-            "epochs": cfg.epochs, "batch_size": cfg.batch_size, "train_steps": cfg.train_steps,
-            "data.source": cfg.dataset.source, "val_fraction": cfg.dataset.val_fraction,
-        }
+        setting = {**flat_config(cfg, "bf16"), "data.source": cfg.dataset.source}  # what the run would log
         assert differences(setting, expected(cell)) == [], cmd
         checked += 1
     assert checked == 60 + 8 + 16
