@@ -17,7 +17,7 @@ extrapolated from the timed steps), and our speed-up.
 from __future__ import annotations
 
 import argparse
-import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -29,7 +29,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_step import LoopSAM, git_sha  # noqa: E402
+from bench_step import LoopSAM, emit, git_sha  # noqa: E402
 
 from sam_repro.config import AugmentConfig, DatasetConfig, OptimConfig  # noqa: E402
 from sam_repro.data import load_data, make_train_loader  # noqa: E402
@@ -112,8 +112,6 @@ def main() -> int:
     augment = AugmentConfig(name="basic")
     steps = args.steps or (100 if cuda else 5)
     warmup = args.warmup or (20 if cuda else 2)
-    import os
-
     workers = args.workers or max(1, (os.cpu_count() or 2) - 1)
     sha = git_sha()
     for spec in (GPU_SUITE if cuda else CPU_SUITE):
@@ -131,12 +129,7 @@ def main() -> int:
         result["speedup"] = round(result["ours_images_per_s"] / result["reference_images_per_s"], 2)
         result["timing"] = f"{steps} steps after {warmup} warm-up; s/epoch extrapolated"
         result["git_sha"] = sha
-        line = json.dumps(result)
-        print(line, flush=True)
-        if args.out:
-            args.out.mkdir(parents=True, exist_ok=True)
-            with open(args.out / "bench_engine.jsonl", "a") as f:
-                f.write(line + "\n")
+        emit(result, args.out, "bench_engine.jsonl")
     return 0
 
 

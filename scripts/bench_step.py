@@ -190,6 +190,16 @@ def bench(spec: dict, device: torch.device, warmup: int, steps: int, rounds: int
     return out
 
 
+def emit(result: dict, out: Path | None, filename: str) -> None:
+    """Print one JSON line; with --out, also append it to OUT/filename."""
+    line = json.dumps(result)
+    print(line, flush=True)
+    if out:
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / filename, "a") as f:
+            f.write(line + "\n")
+
+
 def git_sha() -> str | None:
     import subprocess
 
@@ -223,13 +233,7 @@ def main() -> int:
     rounds = args.rounds or (7 if cuda else 3)
     sha = git_sha()
     for spec in suite:
-        result = {**bench(spec, device, warmup, steps, rounds), "git_sha": sha}
-        line = json.dumps(result)
-        print(line, flush=True)
-        if args.out:
-            args.out.mkdir(parents=True, exist_ok=True)
-            with open(args.out / "bench_step.jsonl", "a") as f:
-                f.write(line + "\n")
+        emit({**bench(spec, device, warmup, steps, rounds), "git_sha": sha}, args.out, "bench_step.jsonl")
     return 0
 
 
