@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import math
+import os
 import platform
 import socket
 import subprocess
@@ -73,10 +74,23 @@ def git_state() -> tuple[Optional[str], Optional[bool]]:
         return None, None
 
 
+def cpu_name() -> str:
+    """'CPU <model> (<n> cores)', from /proc/cpuinfo where there is one."""
+    model = platform.processor() or ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"CPU {model} ({os.cpu_count()} cores)".replace("CPU  (", "CPU (")
+
+
 def environment(device: torch.device) -> dict[str, Any]:
     """What produced the numbers: software versions, the device, the code's git sha."""
     sha, dirty = git_state()
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
     return {
         "torch": torch.__version__,
         "cuda": torch.version.cuda if device.type == "cuda" else None,

@@ -110,8 +110,8 @@ def main() -> int:
         data_cfg = DatasetConfig(name="synthetic", source="synthetic", train_size=50000, test_size=10, num_classes=10)
     bundle = load_data(SimpleNamespace(**{**DatasetConfig().__dict__, **data_cfg.__dict__}))
     augment = AugmentConfig(name="basic")
-    steps = args.steps or (100 if cuda else 5)
-    warmup = args.warmup or (20 if cuda else 2)
+    steps = args.steps or (100 if cuda else 20)
+    warmup = args.warmup or (20 if cuda else 5)
     workers = args.workers or max(1, (os.cpu_count() or 2) - 1)
     sha = git_sha()
     for spec in (GPU_SUITE if cuda else CPU_SUITE):

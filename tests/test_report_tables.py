@@ -124,6 +124,9 @@ def test_budget_runs_are_listed_with_their_differences_and_never_merged(report) 
     assert row(b, label_noise=0.8)["differences"] == "rho 0.1 (paper 0.05)"
     md = (Path(report.files[0]).parent / "budget.md").read_text()
     assert "| epochs 15 (paper 200) " in md and "data folder (paper torchvision)" in md
+    # Budget numbers say where they came from: the device and code version of their runs.
+    assert short["ran_on"] == "NVIDIA GeForce RTX 4090 @ abc"
+    assert "NVIDIA GeForce RTX 4090 @ abc" in md
 
 
 def test_synthetic_runs_are_labelled_and_never_results(report) -> None:

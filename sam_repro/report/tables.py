@@ -389,6 +389,13 @@ def _sort_key(setting: dict[str, Any]) -> tuple:
     return tuple(k(setting.get(f)) for f in BUDGET_FIELDS)
 
 
+def ran_on(group: pd.DataFrame) -> str:
+    """Where a group of runs came from: device and short git sha of each (budget runs must say)."""
+    devices = group["env.device"] if "env.device" in group else pd.Series([None] * len(group), index=group.index)
+    shas = group["env.git_sha"] if "env.git_sha" in group else pd.Series([None] * len(group), index=group.index)
+    return ", ".join(sorted({f"{d or '?'} @ {str(sha)[:7] if sha else '?'}" for d, sha in zip(devices, shas)}))
+
+
 def budget_table(runs: pd.DataFrame, cells: pd.DataFrame, matches: dict[str, Match]) -> Table:
     """Every setting that fills no paper cell, with how it differs from the nearest one.
     Synthetic-data runs get their own section: pipeline checks, never results."""
@@ -413,16 +420,16 @@ def budget_table(runs: pd.DataFrame, cells: pd.DataFrame, matches: dict[str, Mat
         where = f"Table {cell['table']} {cell['method'].upper()}: {fmt_paper(cell['value'], cell['ci95'])}" \
             if cell is not None else DASH
         rows.append({**label, "metric": metric, "ours": fmt_ours(s), "paper (nearest cell)": where,
-                     "differences from the paper": "; ".join(m.diffs)})
+                     "differences from the paper": "; ".join(m.diffs), "ran on (device @ git sha)": ran_on(group)})
         data.append({"kind": "budget", **raw, "metric": metric, "n": s.n, "mean": s.mean, "ci95": s.ci95,
                      "paper_table": "" if cell is None else str(cell["table"]),
                      "paper": math.nan if cell is None else cell["paper_value"],
-                     "differences": "; ".join(m.diffs)})
+                     "differences": "; ".join(m.diffs), "ran_on": ran_on(group)})
     notes = ["Runs outside the paper's setting (fewer epochs, another rho, the JPEG folder copy of a "
              "dataset, ...). They are never merged into the paper tables; each row says how it "
              "differs from the nearest paper cell. Ours: mean ± 95% CI over seeds (Student t)."]
     sections = [("Synthetic-data runs (pipeline checks, not results)", pd.DataFrame(synth))] if synth else []
-    columns = ["kind", *BUDGET_FIELDS, "metric", "n", "mean", "ci95", "paper_table", "paper", "differences"]
+    columns = ["kind", *BUDGET_FIELDS, "metric", "n", "mean", "ci95", "paper_table", "paper", "differences", "ran_on"]
     return Table("budget", "Budget / non-paper runs", pd.DataFrame(rows), pd.DataFrame(data, columns=columns),
                  notes,
                  sections=sections)
