@@ -28,7 +28,7 @@ COLORS = {"sgd": "tab:blue", "sam": "tab:red", "asam": "tab:green"}
 # Further lines of one optimizer (several rho values in one figure) take the next color in line.
 MORE_COLORS = ("tab:orange", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray")
 # Fields that tell SAM and SGD apart within one setting (SGD logs them as null).
-OPTIMIZER_FIELDS = ("optimizer", "rho", "p", "adaptive", "m")
+OPTIMIZER_FIELDS = ("optimizer", "rho", "p", "adaptive", "m", "bn_stats")  # SAM-only fields: null for SGD
 
 
 @dataclass
