@@ -3,9 +3,9 @@
 Per step, for each perturbation chunk (the whole device batch, or chunks of `optim.m` examples):
   1. forward/backward at w (the random draws captured first; shake layers in "true gradient"
      mode when `optim.true_gradient`), L2 gradient added in `wd_mode=loss`;
-  2. SAM only: w -> w + e(w); the same random draws replayed; forward/backward at w + e(w)
-     (BatchNorm running statistics untouched when `bn_stats=first_pass`), L2 gradient at w + e;
-     w restored exactly.
+  2. SAM only: w -> w + e(w); the same random draws replayed; L2 gradient at w + e, then
+     forward/backward at w + e(w) accumulating onto it (BatchNorm running statistics untouched
+     when `bn_stats=first_pass`); w restored exactly.
 Then the gradients of the chunks are averaged, clipped by global norm (`grad_clip`: the applied
 gradient only), and the base optimizer steps. Training metrics come from the applied pass (the
 perturbed one for SAM), as in the official code.
@@ -168,10 +168,13 @@ class TrainStep:
                 self._set_true_gradient(False)
                 self.sam.first_step(zero_grad=True)
                 self.draws.replay()
+                # The L2 gradient at w + e goes in BEFORE the backward, which accumulates onto it: under
+                # DDP the all-reduce then averages it with the loss gradient (each replica has its own e);
+                # added afterwards, each replica would step with its own l2 * (w + e) and drift apart.
+                self._add_l2_gradient()
                 frozen = running_stats_frozen(self._batchnorms) if self.cfg.bn_stats == "first_pass" else contextlib.nullcontext()
                 with frozen:
                     loss, logits = self._forward_backward(xc, yc)
-                self._add_l2_gradient()
                 self.sam.unperturb()
             if len(chunks) > 1:
                 self._accumulate(index)
