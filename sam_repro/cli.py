@@ -4,12 +4,16 @@
     sam-train -m experiment=t4_cifar10_resnet32_noise40 optim=sgd,sam seed=0,1,2
     sam-train experiment=smoke                      # 20 s on a CPU, synthetic data
     sam-train --cfg job experiment=...              # print the composed config, run nothing
+    sam-train engine.ddp=true experiment=...        # DistributedDataParallel over every visible GPU
+    torchrun --nproc_per_node=8 $(which sam-train) experiment=...   # the same, launched by hand
+    sam-train -m hydra/launcher=slurm experiment=... seed=0,1,2     # a sweep on SLURM (docs/cluster.md)
 
 Exit status: 0 done (or already completed), 1 diverged or failed, 2 bad input (config or data).
 """
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -33,16 +37,23 @@ def _train_task(cfg: DictConfig) -> Optional[int]:
     from hydra.types import RunMode
 
     from sam_repro.data import DataError
+    from sam_repro.engine import distributed
+    from sam_repro.models import WeightsError
     from sam_repro.validate import ConfigError, validate
 
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     from sam_repro.engine.loop import RunDirError, fit
 
+    run_dir = Path(hydra_cfg.runtime.output_dir)
     try:
         validate(cfg)  # before any data is read or any GPU touched
-        code = fit(cfg, Path(hydra_cfg.runtime.output_dir))
-    except (ConfigError, DataError, RunDirError) as err:
+        if cfg.engine.ddp and not distributed.under_torchrun():
+            # this job's own overrides (not a sweep's argv), into this job's run directory
+            code = distributed.relaunch(cfg.engine.nproc, list(hydra_cfg.overrides.task), run_dir)
+        else:
+            code = fit(cfg, run_dir)
+    except (ConfigError, DataError, RunDirError, WeightsError, distributed.LaunchError) as err:
         _fail(str(err).splitlines())
         code = EXIT_BAD_INPUT
     if code and not multirun:
@@ -55,6 +66,9 @@ def train_main() -> None:
     import hydra
 
     register_configs()
+    if int(os.environ.get("RANK", "0")) > 0:
+        # ranks > 0 of a distributed run leave the run directory to rank 0: no .hydra/, no train.log
+        sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=stdout"]
     app = hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")(_train_task)
     app()
 

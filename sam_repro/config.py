@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
+from omegaconf import OmegaConf
 
 
 @dataclass
@@ -30,6 +31,10 @@ class DatasetConfig:
     svhn_extra: bool = True  # SVHN: train on train+extra (604,388 images), as the paper
     decode_workers: int = 0  # folder source: processes decoding images (0 = one per core)
     cache_dir: Optional[str] = None  # folder source: where decoded tensors are cached (default: beside root)
+    # The side of the images the model sees. null: the dataset's (224 for ImageNet, 32 for CIFAR), or a
+    # pretrained model's input size when finetuning (B7: 600, L2: 475). Arrays stored smaller are
+    # upsampled after augmentation; file-backed data is cropped to it.
+    input_size: Optional[int] = None
     # synthetic source only: a learnable generated problem, never a real result
     num_classes: int = 10
     image_size: int = 32
@@ -48,14 +53,21 @@ class AugmentConfig:
     cutout: int = 0  # side of the Cutout square in pixels (16 in the paper); 0 = off
     cutout_per: str = "batch"  # official code: one location per batch; `sample` draws one per image
     autoaugment: Optional[str] = None  # AutoAugment policy applied before crop/flip: cifar10 | svhn
+    # File-backed data (ImageNet) only: Inception-style RandomResizedCrop (8-100 % of the area) to the
+    # input size instead of resize + center crop. The array loaders cannot do it (validate refuses it).
+    random_resized_crop: bool = False
 
 
 @dataclass
 class ModelConfig:
-    name: str = "wrn28_10"  # a registered model (sam_repro.models.list_models()) or timm/<name>
+    name: str = "wrn28_10"  # a registered model (sam_repro.models.list_models()), timm/<name>, or a timm name
     kwargs: Dict[str, Any] = field(default_factory=dict)  # passed to the model's constructor
-    pretrained: bool = False  # finetuning: load pretrained weights (timm)
-    checkpoint: Optional[str] = None  # finetuning: local weights file for offline machines
+    # Finetuning (sam_repro.models.finetune): the backbone's weights come from timm (pretrained, needs
+    # network or a filled Hugging Face cache) or from a local file (checkpoint; wins over pretrained);
+    # the classifier head is always new, sized for the dataset. Input size and normalization then
+    # follow the model's pretrained config.
+    pretrained: bool = False  # timm models only; the name's tag picks the weights (tf_efficientnet_b7.ra_in1k)
+    checkpoint: Optional[str] = None  # a state_dict file (.pth/.pt/.bin/.safetensors), or a dict holding it under "model"/"state_dict"
     freeze_bn: bool = False  # finetuning: BatchNorm statistics frozen, as in the paper
 
 
@@ -104,7 +116,8 @@ class EngineConfig:
     eval_batch_size: int = 1024
     eval_every: int = 1  # epochs
     progress: bool = True  # tqdm bars
-    ddp: bool = False  # launch with torchrun over every visible GPU
+    ddp: bool = False  # re-launch under torchrun, one process per GPU (DistributedDataParallel)
+    nproc: Optional[int] = None  # engine.ddp: processes to launch; null = every visible GPU (required on the CPU)
 
 
 @dataclass
@@ -125,9 +138,19 @@ class TrainConfig:
     runs_root: str = "runs"
 
 
+def linear_lr(base_lr: float, base_batch: int, batch_size: int) -> float:
+    """The linear scaling rule: a recipe's lr for `base_batch`, rescaled to the batch that fits.
+
+    Presets write `lr: ${linear_lr:1.0,4096,${batch_size}}` (Table 2: lr 1.0 at batch 4096), so
+    `batch_size=1024` trains at lr 0.25; an explicit `optim.lr=...` replaces the rule."""
+    return float(base_lr) * int(batch_size) / int(base_batch)
+
+
 def register_configs() -> None:
-    """Register the schema so that `defaults: [train_schema, ...]` in train.yaml can use it."""
+    """Register the schema so that `defaults: [train_schema, ...]` in train.yaml can use it, and the
+    `linear_lr` resolver the ImageNet and finetuning presets use."""
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
+    OmegaConf.register_new_resolver("linear_lr", linear_lr, replace=True)
 
 
 def config_dir() -> Path:

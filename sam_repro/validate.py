@@ -8,15 +8,19 @@ exits with status 2.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from typing import Any, Iterable
 
 from omegaconf import DictConfig
 
-from sam_repro.data import CUTOUT_PER, DATASETS, LOADERS, NOISE_KINDS, PAD_MODES, POLICIES, SOURCES
-from sam_repro.engine.runtime import PRECISIONS, world_from_env
+from sam_repro.data import CUTOUT_PER, DATASETS, LOADERS, NOISE_KINDS, PAD_MODES, POLICIES, SOURCES, ImageArrays, ImageFiles
+from sam_repro.engine.distributed import planned_world_size
+from sam_repro.engine.runtime import PRECISIONS
 from sam_repro.engine.schedule import SCHEDULES
 from sam_repro.engine.step import BN_STATS
 from sam_repro.models import is_model, list_models
+from sam_repro.models.finetune import BOTH_WAYS
+from sam_repro.models.registry import timm_name
 from sam_repro.optim.factory import BASE_OPTIMIZERS, METHODS, WD_MODES
 
 RESUME_MODES = ("auto", "never", "must")
@@ -56,15 +60,28 @@ def validate(cfg: DictConfig) -> None:
     if d.source == "synthetic":
         for key in ("num_classes", "image_size", "channels", "train_size", "test_size"):
             need(d[key] >= 1, f"dataset.{key}", d[key], "must be >= 1")
+    need(d.input_size is None or d.input_size >= 1, "dataset.input_size", d.input_size,
+         "must be >= 1 (pixels), or null for the dataset's (or a pretrained model's) size")
+    # resident arrays (device/workers loaders) or image files decoded per batch (files loader)
+    spec = DATASETS.get(d.name) if d.source != "synthetic" else None
+    storage = ImageFiles if spec is not None and spec.files else ImageArrays
 
-    need(is_model(cfg.model.name), "model.name", cfg.model.name,
+    m = cfg.model
+    need(is_model(m.name), "model.name", m.name,
          f"choose one of: {_choices(list_models())} (any wrn<depth>_<k> with depth = 6n+4), or timm/<name>")
+    if m.pretrained and not m.checkpoint and is_model(m.name):
+        need(timm_name(m.name) is not None, "model.pretrained", m.pretrained,
+             f"pretrained weights come from timm: use a timm model (timm/<name>), or model.checkpoint=<file> for {m.name}")
+    if m.checkpoint:
+        need(Path(str(m.checkpoint)).expanduser().is_file(), "model.checkpoint", m.checkpoint, f"no such file; {BOTH_WAYS}")
 
     need(a.padding >= 0, "augment.padding", a.padding, "must be >= 0")
     one_of("augment.pad_mode", a.pad_mode, PAD_MODES)
     need(a.cutout >= 0, "augment.cutout", a.cutout, "must be >= 0 (pixels; 0 = off)")
     one_of("augment.cutout_per", a.cutout_per, CUTOUT_PER)
     one_of("augment.autoaugment", a.autoaugment, [None, *sorted(POLICIES)])
+    need(not a.random_resized_crop or storage is ImageFiles, "augment.random_resized_crop", a.random_resized_crop,
+         "only file-backed datasets (imagenet, the finetuning sets) take the Inception crop; use augment=basic here")
 
     one_of("optim.name", o.name, METHODS)
     one_of("optim.base", o.base, BASE_OPTIMIZERS)
@@ -80,7 +97,7 @@ def validate(cfg: DictConfig) -> None:
     need(o.grad_clip is None or o.grad_clip > 0, "optim.grad_clip", o.grad_clip, "must be > 0, or null for no clipping")
     need(0 <= o.label_smoothing < 1, "optim.label_smoothing", o.label_smoothing, "must be in [0, 1)")
 
-    _, _, world = world_from_env()
+    world = planned_world_size(e.nproc, e.ddp)
     need(cfg.batch_size >= 1, "batch_size", cfg.batch_size, "must be >= 1")
     if cfg.batch_size >= 1:
         need(cfg.batch_size % world == 0, "batch_size", cfg.batch_size, f"must be divisible by the {world} processes")
@@ -98,6 +115,14 @@ def validate(cfg: DictConfig) -> None:
 
     one_of("engine.precision", e.precision, ["auto", *PRECISIONS])
     one_of("engine.loader", e.loader, ["auto", *sorted(LOADERS)])
+    if e.loader in LOADERS:
+        fits = sorted(k for k, loader in LOADERS.items() if loader.storage is storage)
+        need(LOADERS[e.loader].storage is storage, "engine.loader", e.loader,
+             f"dataset {d.name!r} is {'read from image files' if storage is ImageFiles else 'held in memory'}: "
+             f"choose auto or one of: {_choices(fits)}")
+    need(e.nproc is None or e.nproc >= 1, "engine.nproc", e.nproc, "must be >= 1, or null for every visible GPU")
+    need(not (e.ddp and e.nproc is None and e.device == "cpu"), "engine.nproc", e.nproc,
+         "engine.ddp=true on the CPU needs engine.nproc=N (N gloo processes)")
     need(_valid_device(e.device), "engine.device", e.device, "use auto, cpu, cuda or cuda:N")
     need(e.eval_batch_size >= 1, "engine.eval_batch_size", e.eval_batch_size, "must be >= 1")
     need(e.num_workers >= 0, "engine.num_workers", e.num_workers, "must be >= 0")

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Optional, Sequence, Tuple
 
 import torch
+import torch.nn.functional as F
 
 from .autoaugment import POLICIES, BatchedAutoAugment, Plan
 from .datasets import DataError
@@ -79,6 +80,16 @@ def normalize_coeffs(mean: Sequence[float], std: Sequence[float], device=None) -
 def normalize(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
     """uint8 [B, C, H, W] -> normalized float32 (two kernels: the cast and one fused multiply-add)."""
     return torch.addcmul(shift, x.to(torch.float32), scale)
+
+
+def resize(x: torch.Tensor, size: int, mode: str = "bilinear") -> torch.Tensor:
+    """A float batch [B, C, h, w] resized to [B, C, size, size]; the batch itself when it already is
+    (finetuning upsamples 32 px CIFAR to a pretrained model's input size, after augmentation)."""
+    if x.shape[-2:] == (size, size):
+        return x
+    smooth = mode in ("bilinear", "bicubic")
+    return F.interpolate(x, size=(size, size), mode=mode, align_corners=False if smooth else None,
+                         antialias=smooth and size < x.shape[-1])  # antialias only when shrinking
 
 
 def cutout_(x: torch.Tensor, cy: torch.Tensor, cx: torch.Tensor, size: int) -> torch.Tensor:

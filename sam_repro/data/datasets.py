@@ -11,11 +11,12 @@ Register a dataset with `@register_dataset(name=..., ...)` on its reader; `DATAS
 from __future__ import annotations
 
 import gzip
+import os
 import pickle
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -47,7 +48,45 @@ class ImageArrays:
         return ImageArrays(self.images[index].contiguous(), self.labels[index].contiguous())
 
 
-Splits = Tuple[ImageArrays, ImageArrays]  # (train, test)
+@dataclass(frozen=True, eq=False)
+class ImageFiles:
+    """A labelled image set on disk: one image file per example (any size), decoded per batch.
+
+    `paths` are relative to `root`, as one numpy byte-string array rather than a list of Python
+    strings: DataLoader workers forked from the main process would otherwise touch (and so copy)
+    the reference counts of millions of string objects.
+    """
+
+    root: str
+    paths: np.ndarray  # bytes [N], relative to root
+    labels: torch.Tensor  # int64 [N]
+
+    def __post_init__(self) -> None:
+        if self.paths.ndim != 1 or self.paths.dtype.kind != "S":
+            raise ValueError(f"paths must be a 1-d byte-string array, got {self.paths.dtype} {self.paths.shape}")
+        if self.labels.dtype != torch.int64 or self.labels.shape != (len(self.paths),):
+            raise ValueError(f"labels must be int64 [{len(self.paths)}], got {self.labels.dtype} {tuple(self.labels.shape)}")
+
+    @classmethod
+    def from_lists(cls, root: Path, files: Sequence[Path | str], labels: Sequence[int]) -> "ImageFiles":
+        """From absolute (or root-relative) paths and integer labels."""
+        rel = [os.path.relpath(f, root).encode() for f in files]
+        return cls(str(root), np.array(rel, dtype=np.bytes_) if rel else np.zeros(0, dtype="S1"),
+                   torch.as_tensor(list(labels), dtype=torch.int64).reshape(-1))
+
+    def __len__(self) -> int:
+        return int(self.labels.shape[0])
+
+    def path(self, i: int) -> str:
+        return os.path.join(self.root, self.paths[i].decode())
+
+    def subset(self, index: torch.Tensor) -> "ImageFiles":
+        """The examples at `index` (a LongTensor)."""
+        return ImageFiles(self.root, self.paths[index.numpy()], self.labels[index].contiguous())
+
+
+Split = Union[ImageArrays, ImageFiles]  # resident uint8 arrays, or files decoded per batch
+Splits = Tuple[Split, Split]  # (train, test)
 Reader = Callable[[Path, bool], Splits]  # (root, svhn_extra) -> (train, test)
 Downloader = Callable[[Path, bool], None]
 
@@ -64,6 +103,7 @@ class DatasetSpec:
     expected: str  # the official files under root, for error messages
     read: Optional[Reader] = field(default=None, compare=False)
     download: Optional[Downloader] = field(default=None, compare=False)
+    files: bool = False  # stored as image files decoded per batch (ImageFiles), not as resident arrays
 
 
 DATASETS: Dict[str, DatasetSpec] = {}
@@ -71,22 +111,26 @@ DATASETS: Dict[str, DatasetSpec] = {}
 
 def register_dataset(*, name: str, num_classes: int, in_chans: int, image_size: int, mean: Sequence[float],
                      std: Sequence[float], classes: Sequence[str], expected: str,
-                     download: Optional[Downloader] = None) -> Callable[[Reader], Reader]:
-    """Decorator: register `reader` (the torchvision-source file reader) under `name`."""
+                     download: Optional[Downloader] = None, files: bool = False) -> Callable[[Reader], Reader]:
+    """Decorator: register `reader` (the torchvision-source file reader) under `name`.
+
+    files=True: the reader returns `ImageFiles` (decoded per batch by worker processes) and
+    `image_size` is the side the model sees by default (a crop), not the stored size."""
 
     def wrap(reader: Reader) -> Reader:
         DATASETS[name] = DatasetSpec(name, num_classes, in_chans, image_size, tuple(mean), tuple(std),
-                                     tuple(classes), expected, reader, download)
+                                     tuple(classes), expected, reader, download, files)
         return reader
 
     return wrap
 
 
-def missing_data_error(name: str, path: Path, expected: str) -> DataError:
+def missing_data_error(name: str, path: Path, expected: str,
+                       download: str = "dataset.download=true (needs network)") -> DataError:
     """The one-line error for a dataset that is not on disk, naming both ways to supply it."""
     return DataError(
-        f"dataset '{name}' not found at {path} (expected {expected}); supply it with dataset.download=true "
-        f"(needs network) or dataset.source=folder dataset.root=<dir with train/<class>/*.png|jpg and test/<class>/*>")
+        f"dataset '{name}' not found at {path} (expected {expected}); supply it with {download} "
+        f"or dataset.source=folder dataset.root=<dir with train/<class>/*.png|jpg and test/<class>/*>")
 
 
 def _find(root: Path, subdirs: Sequence[str], names: Sequence[str]) -> Optional[Path]:

@@ -8,21 +8,27 @@
   CPU path for machines without a GPU and the reference pipeline for benchmarks. Same semantics,
   different random streams.
 
-Both are pure functions of (seed, epoch, rank): the permutation is seeded by (seed, epoch) and shared
+- `files` (sam_repro.data.file_loader): image files decoded per batch by worker processes (ImageNet,
+  finetuning sets). Each loader reads one kind of split (`storage`); `engine.loader=auto` picks the
+  one that fits the data (DataBundle.auto_loader).
+
+All are pure functions of (seed, epoch, rank): the permutation is seeded by (seed, epoch) and shared
 by all ranks (rank r takes slice r of each global batch); the augmentation by (seed, epoch, rank).
 Two loaders built with the same arguments yield identical batches, so a killed run resumes exactly.
+Arrays stored smaller than `bundle.image_size` (CIFAR finetuned at a pretrained model's 600 px) are
+augmented at their own size, then upsampled on the device.
 """
 from __future__ import annotations
 
 import contextlib
 import hashlib
 import math
-from typing import TYPE_CHECKING, Callable, Dict, Iterator, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, Iterable, Iterator, Tuple
 
 import torch
 
-from .augment import BatchAugment, check_augment, cutout_, normalize, normalize_coeffs
-from .datasets import DataError, ImageArrays
+from .augment import BatchAugment, check_augment, cutout_, normalize, normalize_coeffs, resize
+from .datasets import DataError, ImageArrays, ImageFiles
 
 if TYPE_CHECKING:
     from ..config import AugmentConfig
@@ -38,6 +44,8 @@ def seed_for(*parts) -> int:
 
 class TrainLoader:
     """Batches of one epoch: set_epoch(e), then iterate; len() = steps per epoch (drop_last)."""
+
+    storage: type = ImageArrays  # the kind of split this loader reads
 
     def __init__(self, data: ImageArrays, batch_size: int, seed: int, rank: int, world_size: int):
         self.n, self.batch_size, self.seed = len(data), batch_size, seed
@@ -82,7 +90,8 @@ class DeviceLoader(TrainLoader):
         self.device = torch.device(device)
         self.images = data.images.to(self.device)
         self.labels = data.labels.to(self.device)
-        self.augment = BatchAugment(augment, bundle.image_size, bundle.mean, bundle.std, self.device)
+        self.augment = BatchAugment(augment, data.images.shape[-1], bundle.mean, bundle.std, self.device)
+        self.size, self.interpolation = bundle.image_size, bundle.interpolation
 
     def __iter__(self) -> Iterator[Batch]:
         perm = self.permutation(self.device)
@@ -92,11 +101,11 @@ class DeviceLoader(TrainLoader):
         draws = self.augment.draw(g, steps, self.batch_size)
         for step in range(steps):
             index = self.batch_index(perm, step)
-            yield self.augment(self.images, index, draws, step), self.labels[index]
+            yield resize(self.augment(self.images, index, draws, step), self.size, self.interpolation), self.labels[index]
 
 
 @contextlib.contextmanager
-def _one_thread():
+def single_thread():
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -119,7 +128,7 @@ class _EpochBatches(torch.utils.data.Dataset):
         index = ld.batch_index(self.perm, step)
         # the draws depend on (seed, epoch, rank, step), never on the worker; per-image ops on 32 px images
         # are slower with several threads (workers already run one; num_workers=0 runs in this process)
-        with torch.random.fork_rng(devices=[]), _one_thread():
+        with torch.random.fork_rng(devices=[]), single_thread():
             torch.manual_seed(seed_for("workers", ld.seed, self.epoch, ld.rank, step))
             x = torch.stack([self.transform(ld.images[i]) for i in index.tolist()])
             if ld.cutout:
@@ -137,8 +146,10 @@ class WorkerLoader(TrainLoader):
         import torchvision.transforms as T
 
         super().__init__(data, batch_size, seed, rank, world_size)
-        check_augment(augment, bundle.image_size)
+        stored = data.images.shape[-1]
+        check_augment(augment, stored)
         self.device, self.num_workers = torch.device(device), num_workers
+        self.size, self.interpolation = bundle.image_size, bundle.interpolation
         self.images, self.labels = data.images, data.labels
         self.cutout, self.cutout_per = int(augment.cutout), augment.cutout_per
         steps = []
@@ -147,7 +158,7 @@ class WorkerLoader(TrainLoader):
         if augment.flip:
             steps.append(T.RandomHorizontalFlip())
         if augment.crop:
-            steps.append(T.RandomCrop(bundle.image_size, padding=augment.padding, padding_mode=augment.pad_mode))
+            steps.append(T.RandomCrop(stored, padding=augment.padding, padding_mode=augment.pad_mode))
         steps += [T.ConvertImageDtype(torch.float32), T.Normalize(bundle.mean, bundle.std)]
         self.transform = T.Compose(steps)
 
@@ -157,15 +168,20 @@ class WorkerLoader(TrainLoader):
         dl = torch.utils.data.DataLoader(batches, batch_size=None, shuffle=False, num_workers=self.num_workers,
                                          pin_memory=pin, prefetch_factor=4 if self.num_workers else None)
         for x, y in dl:
-            yield x.to(self.device, non_blocking=pin), y.to(self.device, non_blocking=pin)
+            x = resize(x.to(self.device, non_blocking=pin), self.size, self.interpolation)
+            yield x, y.to(self.device, non_blocking=pin)
 
 
-def make_train_loader(data: ImageArrays, bundle: "DataBundle", augment: "AugmentConfig", batch_size: int,
-                      device: torch.device, seed: int, kind: str = "device", num_workers: int = 4, rank: int = 0,
-                      world_size: int = 1) -> TrainLoader:
-    """The training loader of `kind` (device | workers); see the module docstring for the contract."""
+def make_train_loader(data: ImageArrays | ImageFiles, bundle: "DataBundle", augment: "AugmentConfig",
+                      batch_size: int, device: torch.device, seed: int, kind: str = "device", num_workers: int = 4,
+                      rank: int = 0, world_size: int = 1) -> TrainLoader:
+    """The training loader of `kind` (device | workers | files); see the module docstring for the contract."""
     if kind not in LOADERS:
         raise DataError(f"engine.loader={kind!r} must be one of {sorted(LOADERS)}")
+    if not isinstance(data, LOADERS[kind].storage):
+        fits = sorted(k for k, cls in LOADERS.items() if isinstance(data, cls.storage))
+        raise DataError(f"engine.loader={kind!r} reads {LOADERS[kind].storage.__name__}, but this dataset is "
+                        f"{type(data).__name__}; use engine.loader=auto or one of {fits}")
     if not 0 <= rank < world_size:
         raise DataError(f"rank {rank} is outside world size {world_size}")
     if batch_size < 1 or len(data) < batch_size * world_size:
@@ -178,25 +194,31 @@ def make_train_loader(data: ImageArrays, bundle: "DataBundle", augment: "Augment
 class EvalLoader:
     """Unaugmented, unshuffled batches of this rank's contiguous shard; the last batch may be short."""
 
-    def __init__(self, data: ImageArrays, bundle, batch_size: int, device, rank: int = 0, world_size: int = 1):
+    def __init__(self, data: ImageArrays, bundle, batch_size: int, device, rank: int = 0, world_size: int = 1,
+                 num_workers: int = 0):
         lo, hi = len(data) * rank // world_size, len(data) * (rank + 1) // world_size
         self.device, self.batch_size = torch.device(device), batch_size
         self.images = data.images[lo:hi].to(self.device)
         self.labels = data.labels[lo:hi].to(self.device)
         self.scale, self.shift = normalize_coeffs(bundle.mean, bundle.std, self.device)
+        self.size, self.interpolation = bundle.image_size, bundle.interpolation
 
     def __len__(self) -> int:
         return math.ceil(len(self.labels) / self.batch_size)
 
     def __iter__(self) -> Iterator[Batch]:
         for at in range(0, len(self.labels), self.batch_size):
-            x = self.images[at:at + self.batch_size]
-            yield normalize(x, self.scale, self.shift), self.labels[at:at + self.batch_size]
+            x = normalize(self.images[at:at + self.batch_size], self.scale, self.shift)
+            yield resize(x, self.size, self.interpolation), self.labels[at:at + self.batch_size]
 
 
-def make_eval_loader(data: ImageArrays, bundle: "DataBundle", batch_size: int, device: torch.device, rank: int = 0,
-                     world_size: int = 1) -> EvalLoader:
-    """Evaluation batches: no augmentation, no shuffling, every example of the shard exactly once."""
+EVAL_LOADERS: Dict[type, Callable[..., Iterable[Batch]]] = {ImageArrays: EvalLoader}  # split kind -> loader
+
+
+def make_eval_loader(data: ImageArrays | ImageFiles, bundle: "DataBundle", batch_size: int, device: torch.device, rank: int = 0,
+                     world_size: int = 1, num_workers: int = 0) -> Iterable[Batch]:
+    """Evaluation batches: no augmentation, no shuffling, every example of the shard exactly once.
+    `num_workers` decode processes for file-backed data (resident arrays need none)."""
     if batch_size < 1:
         raise DataError(f"eval batch size {batch_size} must be >= 1")
-    return EvalLoader(data, bundle, batch_size, device, rank, world_size)
+    return EVAL_LOADERS[type(data)](data, bundle, batch_size, device, rank, world_size, num_workers=num_workers)

@@ -1,21 +1,27 @@
 """Data sources (torchvision | folder | synthetic) and `load_data`, which turns a DatasetConfig into a
-DataBundle: uint8 train/val/test arrays plus what the model and the run directory need to know.
+DataBundle: train/val/test splits plus what the model and the run directory need to know.
 
-Every source returns a `Loaded`: decoded uint8 arrays and the dataset's facts. `load_data` then,
-in this order: fingerprints the decoded data, holds out the validation split, corrupts training
-labels (label noise never touches the validation or test labels).
+A split is either resident uint8 arrays (`ImageArrays`: CIFAR-sized data, augmented on the device) or
+a list of image files decoded per batch (`ImageFiles`: ImageNet and the finetuning sets, read by
+DataLoader workers); `DataBundle.auto_loader` names the training loader that fits it.
+
+Every source returns a `Loaded`: the splits and the dataset's facts. `load_data` then, in this
+order: fingerprints the data, holds out the validation split, corrupts training labels (label
+noise never touches the validation or test labels). `fit_to_model` finally gives the bundle the
+input a pretrained model expects (finetuning).
 """
 from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from .datasets import DATASETS, DataError, DatasetSpec, ImageArrays
+from .datasets import DATASETS, DataError, DatasetSpec, ImageArrays, ImageFiles, Split
+from .file_datasets import read_image_folder
 from .folder import load_folder
 from .noise import NOISE_KINDS, apply_label_noise
 
@@ -23,26 +29,47 @@ if TYPE_CHECKING:
     from ..config import DatasetConfig
 
 
+# engine.loader=auto: the training loader for each kind of split (sam_repro.data.LOADERS names)
+AUTO_LOADER: Dict[type, str] = {ImageArrays: "device", ImageFiles: "files"}
+
+
 @dataclass
 class DataBundle:
-    train: ImageArrays
-    test: ImageArrays
-    val: Optional[ImageArrays]
+    train: Split
+    test: Split
+    val: Optional[Split]
     num_classes: int
     in_chans: int
-    image_size: int
+    image_size: int  # the side the model sees (arrays stored smaller are upsampled to it)
     mean: Tuple[float, ...]  # per channel, in [0, 1] units
     std: Tuple[float, ...]
     classes: List[str]
     info: dict  # the "data" block of metrics.json (docs/run_directory.md)
+    crop_pct: float = 0.875  # file data, evaluation: resize to image_size / crop_pct, center crop (256 -> 224)
+    interpolation: str = "bilinear"  # resizing: bilinear | bicubic | nearest
+
+    @property
+    def auto_loader(self) -> str:
+        """The training loader engine.loader=auto picks: device-resident for arrays, workers over files."""
+        return AUTO_LOADER[type(self.train)]
+
+
+def fit_to_model(bundle: DataBundle, model_input: Dict[str, Any], input_size: Optional[int] = None) -> DataBundle:
+    """The bundle with the input a model expects: `model_input` (a pretrained model's image_size,
+    mean, std, crop_pct, interpolation; {} when not finetuning) replaces the dataset's values, and an
+    explicit `dataset.input_size` wins over both."""
+    changes = dict(model_input)
+    if input_size:
+        changes["image_size"] = int(input_size)
+    return replace(bundle, **changes) if changes else bundle
 
 
 @dataclass
 class Loaded:
-    """What a source returns: the decoded splits and the dataset's facts."""
+    """What a source returns: the splits and the dataset's facts."""
 
-    train: ImageArrays
-    test: ImageArrays
+    train: Split
+    test: Split
     spec: DatasetSpec
     classes: List[str]
     root: Optional[str]  # None for generated data
@@ -71,9 +98,9 @@ def _spec(cfg: "DatasetConfig") -> DatasetSpec:
     return DATASETS[cfg.name]
 
 
-def _check_shape(arrays: ImageArrays, spec: DatasetSpec, where: str) -> None:
+def _check_shape(arrays: Split, spec: DatasetSpec, where: str) -> None:
     expect = (spec.in_chans, spec.image_size, spec.image_size)
-    if tuple(arrays.images.shape[1:]) != expect:
+    if isinstance(arrays, ImageArrays) and tuple(arrays.images.shape[1:]) != expect:
         raise DataError(f"{where}: images are {tuple(arrays.images.shape[1:])}, dataset '{spec.name}' expects {expect}")
     bad = (arrays.labels < 0) | (arrays.labels >= spec.num_classes)
     if bool(bad.any()):
@@ -96,13 +123,23 @@ def torchvision_source(cfg: "DatasetConfig") -> Loaded:
     train, test = spec.read(root, cfg.svhn_extra)
     for split, arrays in (("train", train), ("test", test)):
         _check_shape(arrays, spec, f"{root} ({split})")
-    return Loaded(train, test, spec, list(spec.classes), str(root))
+    return Loaded(train, test, spec, list(spec.classes) or [str(i) for i in range(spec.num_classes)], str(root))
 
 
 @register_source("folder")
 def folder_source(cfg: "DatasetConfig") -> Loaded:
-    """ROOT/train/<class>/* and ROOT/test/<class>/*, decoded once and cached."""
+    """ROOT/train/<class>/* and ROOT/test/<class>/*: decoded once and cached for array datasets; for
+    file-backed ones (ImageNet, finetuning sets) listed only, with ROOT/val accepted for ROOT/test and
+    any number of classes (a subset such as ImageNet-100 trains a head of that size)."""
     spec, root = _spec(cfg), _root(cfg)
+    if spec.files:
+        if not root.is_dir():
+            raise DataError(f"image folder {root} does not exist "
+                            f"(expected {root}/train/<class>/* and {root}/val|test/<class>/*)")
+        train, test, classes = read_image_folder(root)
+        if len(classes) < 2:
+            raise DataError(f"image folder {root}: {len(classes)} class folder(s) under train/, at least 2 needed")
+        return Loaded(train, test, replace(spec, num_classes=len(classes)), classes, str(root))
     train, test, classes = load_folder(root, spec.in_chans, spec.image_size, cfg.decode_workers, cfg.cache_dir)
     if len(classes) != spec.num_classes:
         raise DataError(f"image folder {root}: {len(classes)} class folders, "
@@ -139,16 +176,26 @@ def synthetic_source(cfg: "DatasetConfig") -> Loaded:
     return Loaded(train, test, spec, list(spec.classes), None)
 
 
-def fingerprint(train: ImageArrays, test: ImageArrays) -> str:
-    """sha256 of the decoded images and labels (shapes included): equal bytes give equal values."""
+def fingerprint(train: Split, test: Split) -> str:
+    """sha256 of the decoded images and labels (shapes included): equal bytes give equal values.
+
+    File-backed data is not decoded up front (ImageNet is 150 GB): its fingerprint covers the file
+    list (paths relative to the root) and the labels, so a copy on another disk or node still
+    resumes, and an added, removed or relabelled file does not."""
     h = hashlib.sha256()
-    for t in (train.images, train.labels, test.images, test.labels):
-        h.update(repr((tuple(t.shape), str(t.dtype))).encode())
-        h.update(t.contiguous().numpy())  # the buffer itself, no copy
+    for split in (train, test):
+        if isinstance(split, ImageFiles):
+            h.update(b"files:" + b"\n".join(split.paths.tolist()))
+            tensors = (split.labels,)
+        else:
+            tensors = (split.images, split.labels)
+        for t in tensors:
+            h.update(repr((tuple(t.shape), str(t.dtype))).encode())
+            h.update(t.contiguous().numpy())  # the buffer itself, no copy
     return "sha256:" + h.hexdigest()
 
 
-def split_validation(train: ImageArrays, fraction: float, seed: int) -> Tuple[ImageArrays, Optional[ImageArrays]]:
+def split_validation(train: Split, fraction: float, seed: int) -> Tuple[Split, Optional[Split]]:
     """Hold out round(fraction * N) random training examples (seeded); both parts keep dataset order."""
     n_val = round(fraction * len(train))
     if n_val == 0:

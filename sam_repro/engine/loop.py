@@ -21,12 +21,13 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from tqdm import tqdm
 
-from sam_repro.data import DataBundle, load_data, make_eval_loader, make_train_loader
+from sam_repro.data import DataBundle, fit_to_model, load_data, make_eval_loader, make_train_loader
+from sam_repro.engine import distributed
 from sam_repro.engine.checkpoint import load_checkpoint, save_checkpoint
 from sam_repro.engine.runtime import Runtime, resolve_runtime, seed_everything, set_determinism
 from sam_repro.engine.schedule import LrSetter
 from sam_repro.engine.step import StepConfig, TrainStep
-from sam_repro.models import create_model
+from sam_repro.models import create_model_from_config, pretrained_input
 from sam_repro.optim.factory import build_optimizer
 from sam_repro.runlog import RunLog, environment, flat_config
 
@@ -66,9 +67,9 @@ def epoch_seed(seed: int, epoch: int) -> int:
 
 
 def build_model(cfg: DictConfig, bundle: DataBundle, runtime: Runtime) -> nn.Module:
-    """The model on its device, in channels_last where that is the fast layout."""
-    model = create_model(cfg.model.name, num_classes=bundle.num_classes, in_chans=bundle.in_chans,
-                         **OmegaConf.to_container(cfg.model.kwargs, resolve=True))
+    """The model on its device, in channels_last where that is the fast layout (a pretrained backbone
+    with a new head when finetuning)."""
+    model = create_model_from_config(cfg.model, num_classes=bundle.num_classes, in_chans=bundle.in_chans)
     model = model.to(runtime.device)
     if runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -124,19 +125,25 @@ class Trainer:
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.runtime = resolve_runtime(cfg.engine)
         rt = self.runtime
+        distributed.init(rt)
         set_determinism(cfg.engine.deterministic, rt.device.type == "cuda")
         seed_everything(cfg.seed)
         self.bundle = load_data(cfg.dataset)
         self.model = build_model(cfg, self.bundle, rt)
+        # finetuning: the pretrained model's input size and normalization replace the dataset's
+        self.bundle = fit_to_model(self.bundle, pretrained_input(self.model, cfg.model), cfg.dataset.input_size)
         self.optimizer, self.sam = build_optimizer(self.model, cfg.optim)
         per_device_batch = cfg.batch_size // rt.world_size
-        kind = cfg.engine.loader if cfg.engine.loader != "auto" else "device"
+        kind = cfg.engine.loader if cfg.engine.loader != "auto" else self.bundle.auto_loader
+        workers = cfg.engine.num_workers
         self.train_loader = make_train_loader(self.bundle.train, self.bundle, cfg.augment, per_device_batch, rt.device,
-                                              seed=cfg.seed, kind=kind, num_workers=cfg.engine.num_workers,
+                                              seed=cfg.seed, kind=kind, num_workers=workers,
                                               rank=rt.rank, world_size=rt.world_size)
         eval_batch = cfg.engine.eval_batch_size
-        self.test_loader = make_eval_loader(self.bundle.test, self.bundle, eval_batch, rt.device, rt.rank, rt.world_size)
-        self.val_loader = (make_eval_loader(self.bundle.val, self.bundle, eval_batch, rt.device, rt.rank, rt.world_size)
+        self.test_loader = make_eval_loader(self.bundle.test, self.bundle, eval_batch, rt.device, rt.rank, rt.world_size,
+                                            num_workers=workers)
+        self.val_loader = (make_eval_loader(self.bundle.val, self.bundle, eval_batch, rt.device, rt.rank, rt.world_size,
+                                            num_workers=workers)
                            if self.bundle.val is not None else None)
         self.steps_per_epoch = len(self.train_loader)
         if self.steps_per_epoch == 0:
@@ -146,13 +153,19 @@ class Trainer:
         self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
         self.lr = LrSetter(self.optimizer, cfg.sched, self.total_steps, self.steps_per_epoch)
         self.scaler = torch.amp.GradScaler(rt.device.type) if rt.precision == "fp16" else None
-        self.forward_model = self._compiled(self.model)
+        self.forward_model = self._compiled(self.model)  # evaluation, and training in a single process
+        train_model, first_pass = self.forward_model, contextlib.nullcontext
+        if rt.distributed:
+            ddp = distributed.wrap(self.model, rt)
+            train_model = self._compiled(ddp)
+            # per-replica perturbation: no all-reduce in the first forward/backward (DESIGN.md)
+            first_pass = contextlib.nullcontext if cfg.optim.sync_perturbation else ddp.no_sync
         self.step = TrainStep(
-            self.forward_model, self.optimizer, self.sam,
+            train_model, self.optimizer, self.sam,
             StepConfig(m=cfg.optim.m, bn_stats=cfg.optim.bn_stats, grad_clip=cfg.optim.grad_clip,
                        label_smoothing=cfg.optim.label_smoothing, true_gradient=cfg.optim.true_gradient,
                        autocast_dtype=rt.autocast_dtype, channels_last=rt.channels_last),
-            scaler=self.scaler,
+            scaler=self.scaler, first_pass_context=first_pass,
         )
         self.top5 = self.bundle.num_classes > 10
         self.runlog = RunLog(self.run_dir, cfg.name, flat_config(cfg, rt.precision), environment(rt.device),
@@ -231,7 +244,8 @@ class Trainer:
 
     def _epoch(self, epoch: int, progress: Progress) -> dict[str, Any]:
         rt, cfg = self.runtime, self.cfg
-        torch.manual_seed(epoch_seed(cfg.seed, epoch))
+        # each replica draws its own dropout/ShakeDrop masks (rank 0 draws what a single process does)
+        torch.manual_seed(epoch_seed(cfg.seed, epoch) + 7919 * rt.rank)
         self.train_loader.set_epoch(epoch)
         set_train_mode(self.model, cfg.model.freeze_bn)
         loss_sum = torch.zeros((), device=rt.device, dtype=torch.float64)
@@ -260,6 +274,8 @@ class Trainer:
         if rt.device.type == "cuda":
             torch.cuda.synchronize(rt.device)
         train_s = time.perf_counter() - start
+        if rt.distributed:  # per-replica BatchNorm: evaluate and checkpoint the ranks' mean statistics
+            distributed.average_batchnorm_stats(self.model)
         totals = torch.stack([loss_sum, correct.double(), torch.tensor(float(seen), device=rt.device, dtype=torch.float64)])
         if rt.distributed:
             torch.distributed.all_reduce(totals)
@@ -280,7 +296,8 @@ class Trainer:
         return row
 
     def _check_finite(self, loss_sum: torch.Tensor, epoch: int, step: int) -> None:
-        if not torch.isfinite(loss_sum):
+        # summed over ranks, so that every rank stops at the same step (a lone rank would hang the others)
+        if not torch.isfinite(distributed.summed(loss_sum)):
             raise Diverged(f"non-finite training loss in epoch {epoch} (by step {step})")
 
 
@@ -307,4 +324,7 @@ def check_same_config(saved: dict[str, Any], current: dict[str, Any], run_dir: P
 
 def fit(cfg: DictConfig, run_dir: Path) -> int:
     """Train the run described by `cfg` into `run_dir`; returns the process exit code."""
-    return Trainer(cfg, run_dir).fit()
+    try:
+        return Trainer(cfg, run_dir).fit()
+    finally:
+        distributed.shutdown()

@@ -1,11 +1,13 @@
 """Model registry (timm style): names -> factories `fn(num_classes, in_chans=3, **kw) -> nn.Module`.
 
-Three kinds of names resolve, in this order:
+Four kinds of names resolve, in this order:
 1. exact names registered with `@register_model("name")`;
 2. `timm/<name>`: handed to `timm.create_model(<name>, num_classes=..., in_chans=..., **kw)`;
 3. name families registered with `@register_model_pattern(regex, description, parse)`, e.g.
    `wrn<depth>_<k>`: `parse(match)` turns the name into constructor keywords (raising ValueError
-   for invalid values), which the factory receives with the user's keywords.
+   for invalid values), which the factory receives with the user's keywords;
+4. any other name timm knows (`tf_efficientnet_b7.ra_in1k`, with or without its weight tag): timm,
+   as `timm/<name>` (so `model=timm model.name=<timm name>` works; names above win).
 """
 from __future__ import annotations
 
@@ -89,6 +91,17 @@ def _is_timm_model(name: str) -> bool:
     return ":" in rest or timm.is_model(_timm_arch(name))
 
 
+def timm_name(name: str) -> Optional[str]:
+    """The timm model name `name` resolves to (`timm/x` or a bare timm name), or None if it is ours."""
+    if name in _MODELS:
+        return None
+    if name.startswith(TIMM_PREFIX):
+        return name[len(TIMM_PREFIX):]
+    if _parse_pattern(name) is None and _is_timm_model(TIMM_PREFIX + name):
+        return name
+    return None
+
+
 def _parse_pattern(name: str) -> Optional[Tuple[_Pattern, Dict[str, Any]]]:
     """The pattern `name` belongs to and the keywords it stands for; None if no pattern matches."""
     for pattern in _PATTERNS:
@@ -112,7 +125,7 @@ def validate_model_name(name: str) -> None:
             raise ValueError(f"model.name={name!r}: {_timm_arch(name)!r} is not a timm model "
                              f"(see timm.list_models())")
         return
-    if _parse_pattern(name) is None:
+    if _parse_pattern(name) is None and not _is_timm_model(TIMM_PREFIX + name):
         raise ValueError(_unknown_message(name))
 
 
@@ -130,10 +143,10 @@ def create_model(name: str, num_classes: int, in_chans: int = 3, **kw) -> nn.Mod
     validate_model_name(name)
     if name in _MODELS:
         return _MODELS[name](num_classes=num_classes, in_chans=in_chans, **kw)
-    if name.startswith(TIMM_PREFIX):
+    timm_model = timm_name(name)
+    if timm_model is not None:
         import timm
 
-        return timm.create_model(name[len(TIMM_PREFIX):], num_classes=num_classes,
-                                 in_chans=in_chans, **kw)
+        return timm.create_model(timm_model, num_classes=num_classes, in_chans=in_chans, **kw)
     pattern, parsed = _parse_pattern(name)
     return pattern.factory(num_classes=num_classes, in_chans=in_chans, **parsed, **kw)
