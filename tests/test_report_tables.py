@@ -262,3 +262,26 @@ def test_presets_named_by_fill_commands_produce_runs_that_fill_those_cells() -> 
         assert differences(setting, expected(cell)) == [], cmd
         checked += 1
     assert checked == 60 + 8 + 16
+
+
+def test_finetuning_cells_count_steps_and_birdsnap_is_an_image_folder() -> None:
+    from sam_repro.report.paper import expected
+    from sam_repro.report.tables import differences, paper_cells
+
+    cells = paper_cells()
+    cell = lambda ds, model: cells[(cells["table"] == 3) & (cells["dataset"] == ds) & (cells["model"] == model)  # noqa: E731
+                                   & (cells["method"] == "sam")].iloc[0]
+    base = {"dataset": "flowers102", "model": "timm/tf_efficientnet_l2.ns_jft_in1k_475", "augment": "none",
+            "label_noise": 0.0, "optimizer": "sam", "rho": 0.05, "p": 2, "batch_size": 512, "epochs": 200,
+            "data.source": "torchvision", "val_fraction": 0.0}
+    # L2: the paper counts steps but does not say how many: any step count fills, epochs do not.
+    assert differences({**base, "train_steps": 12345}, expected(cell("flowers102", "efficientnet_l2"))) == []
+    assert differences({**base, "train_steps": None}, expected(cell("flowers102", "efficientnet_l2"))) == \
+        ["epochs 200 (paper counts steps)"]
+    b7 = {**base, "model": "timm/tf_efficientnet_b7.ra_in1k", "batch_size": 1024}
+    assert differences({**b7, "train_steps": 4000}, expected(cell("flowers102", "efficientnet_b7"))) == \
+        ["train_steps 4000 (paper 5000)"]
+    bird = {**b7, "dataset": "birdsnap", "train_steps": 5000}
+    assert differences({**bird, "data.source": "folder"}, expected(cell("birdsnap", "efficientnet_b7"))) == []
+    assert differences(b7 | {"train_steps": 5000, "data.source": "folder"}, expected(cell("flowers102", "efficientnet_b7"))) == \
+        ["data folder (paper torchvision)"]

@@ -36,7 +36,7 @@ def expand(args: list[str]) -> list[list[str]]:
     return [list(c) for c in itertools.product(*choices)]
 
 
-@pytest.mark.parametrize("table", [1, 4, 5])
+@pytest.mark.parametrize("table", [1, 2, 3, 4, 5])
 def test_table_script_fills_every_cell_in_the_papers_setting(table: int) -> None:
     cells = paper_cells()
     cells = cells[(cells["table"] == table) & cells["method"].isin(["sam", "sgd"])]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Callable, Optional
+from typing import Optional
 
 import pytest
 import torch

@@ -63,11 +63,12 @@ class Expected:
     optimizer: str  # sam | sgd
     rho: float | None
     epochs: tuple[int, ...] | None  # SGD may list E and 2E (the paper's 2x-epoch baseline)
-    train_steps: int | None
+    train_steps: int | None  # with counts_steps: the steps the paper gives (None: not stated, not checked)
     batch_size: int | None
     p: float | None = None  # 2 for SAM
     source: str = "torchvision"  # the official files
     val_fraction: float = 0.0  # the paper's final numbers train on the whole training set
+    counts_steps: bool = False  # the recipe is a number of optimizer steps (finetuning), not epochs
 
 
 @lru_cache(maxsize=1)
@@ -143,12 +144,15 @@ def expected(row: pd.Series) -> Expected:
         batch = 4096
     else:
         batch = 1024 if model == "efficientnet_b7" else 512
-    steps = 5000 if table == 3 and model == "efficientnet_b7" and dataset != "imagenet" else None
+    counts_steps = table == 3 and dataset != "imagenet"  # ImageNet finetuning: 10 epochs
+    steps = 5000 if counts_steps and model == "efficientnet_b7" else None  # L2's step count is not stated
     return Expected(
         dataset=dataset, model=our_model(model), augment=run_augment(table, dataset, row["augment"]),
         label_noise=float(row["label_noise"]), optimizer=row["method"],
         rho=rho if sam else None, epochs=allowed, train_steps=steps, batch_size=batch,
-        p=2.0 if sam else None,
+        p=2.0 if sam else None, counts_steps=counts_steps,
+        # Birdsnap has no torchvision dataset: the image-folder copy is its official form
+        source="folder" if dataset == "birdsnap" else "torchvision",
     )
 
 

@@ -170,9 +170,12 @@ def diff_fields(setting: dict[str, Any], exp: paper.Expected) -> list[tuple[str,
     if exp.p is not None and not _same(_num(setting.get("p")), exp.p):
         add("p", f"p {setting.get('p')} (paper {exp.p:g})")
     steps = setting.get("train_steps")
-    if exp.train_steps is not None and steps != exp.train_steps:
-        add("train_steps", f"train_steps {steps} (paper {exp.train_steps})")
-    elif exp.train_steps is None and steps is not None:
+    if exp.counts_steps:
+        if steps is None:
+            add("train_steps", f"epochs {setting.get('epochs')} (paper counts steps)")
+        elif exp.train_steps is not None and steps != exp.train_steps:
+            add("train_steps", f"train_steps {steps} (paper {exp.train_steps})")
+    elif steps is not None:
         add("train_steps", f"train_steps {steps} (paper counts epochs)")
     elif exp.epochs is not None and setting.get("epochs") not in exp.epochs:
         wanted = " or ".join(str(e) for e in exp.epochs)
