@@ -114,7 +114,8 @@ class EngineConfig:
     loader: str = "auto"  # auto | device (data resident on the device, augmented there) | workers (DataLoader)
     num_workers: int = 8  # loader=workers
     eval_batch_size: int = 1024
-    eval_every: int = 1  # epochs
+    eval_every: int = 1  # epochs between evaluations (each also logs a metrics.jsonl row and checkpoints)
+    eval_every_steps: Optional[int] = None  # step-counted recipes: evaluate at the first epoch end after this many steps
     progress: bool = True  # tqdm bars
     ddp: bool = False  # re-launch under torchrun, one process per GPU (DistributedDataParallel)
     nproc: Optional[int] = None  # engine.ddp: processes to launch; null = every visible GPU (required on the CPU)

@@ -30,10 +30,17 @@ def now_iso() -> str:
     return dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat()
 
 
-def flat_config(cfg: DictConfig, precision: str) -> dict[str, Any]:
-    """The flat `config` block: the keys the report groups runs by."""
+def flat_config(cfg: DictConfig, precision: str, world_size: int = 1) -> dict[str, Any]:
+    """The flat `config` block: the keys the report groups runs by.
+
+    `m` is the number of examples per perturbation actually used: optim.m, else the per-replica
+    batch of a multi-GPU run (each replica perturbs with its own gradient), else null (the batch).
+    """
     method = METHODS[cfg.optim.name]
     sam = method.uses_sam
+    m = cfg.optim.m
+    if m is None and world_size > 1 and not cfg.optim.sync_perturbation:
+        m = cfg.batch_size // world_size
     return {
         "dataset": cfg.dataset.name,
         "model": cfg.model.name,
@@ -42,7 +49,8 @@ def flat_config(cfg: DictConfig, precision: str) -> dict[str, Any]:
         "rho": cfg.optim.rho if sam else None,
         "p": (2 if cfg.optim.p == 2 else "inf") if sam else None,
         "adaptive": method.adaptive if sam else None,
-        "m": cfg.optim.m if sam else None,
+        "m": m if sam else None,
+        "devices": world_size,
         "label_noise": cfg.dataset.label_noise,
         "noise_kind": cfg.dataset.noise_kind,
         "epochs": cfg.epochs,

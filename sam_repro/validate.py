@@ -125,6 +125,9 @@ def validate(cfg: DictConfig) -> None:
          "engine.ddp=true on the CPU needs engine.nproc=N (N gloo processes)")
     need(_valid_device(e.device), "engine.device", e.device, "use auto, cpu, cuda or cuda:N")
     need(e.eval_batch_size >= 1, "engine.eval_batch_size", e.eval_batch_size, "must be >= 1")
+    need(e.eval_every >= 1, "engine.eval_every", e.eval_every, "must be >= 1 (epochs)")
+    need(e.eval_every_steps is None or e.eval_every_steps >= 1, "engine.eval_every_steps", e.eval_every_steps,
+         "must be >= 1, or null (use engine.eval_every epochs)")
     need(e.num_workers >= 0, "engine.num_workers", e.num_workers, "must be >= 0")
     if problems:
         raise ConfigError(problems)

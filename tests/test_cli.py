@@ -193,3 +193,43 @@ def test_help_and_cfg_job(tmp_path: Path) -> None:
     job = sam_train(["--cfg", "job", "experiment=t1_cifar100_wrn28_10_200ep", "optim=sgd"], cwd=tmp_path)
     assert job.returncode == 0
     assert "name: t1_cifar100_wrn28_10_200ep" in job.stdout and "name: sgd" in job.stdout
+
+
+@pytest.mark.parametrize("cadence, rows", [(["engine.eval_every=2"], [2, 4, 5]),
+                                           (["train_steps=20", "engine.eval_every_steps=7"], [2, 4, 5])])
+def test_evaluation_cadence_in_epochs_or_steps(tmp_path: Path, cadence: list[str], rows: list[int]) -> None:
+    """Rows (and checkpoints) come every eval_every epochs / eval_every_steps steps and at the end;
+    a row's training loss covers every step since the previous row."""
+    cfg = compose_config([*TINY, "epochs=5", *cadence])  # 4 steps per epoch
+    trainer = Trainer(cfg, tmp_path)
+    losses: list[float] = []
+    real_step = trainer.step
+
+    def recording(x: torch.Tensor, y: torch.Tensor):
+        stats = real_step(x, y)
+        losses.append(float(stats.loss_sum) / stats.count)
+        return stats
+
+    trainer.step = recording
+    assert trainer.fit() == 0
+    got = read_rows(tmp_path)
+    assert [r["epoch"] for r in got] == rows and len(losses) == 20
+    assert got[0]["train_loss"] == pytest.approx(sum(losses[:8]) / 8, rel=1e-6)
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["progress"]["step"] == 20
+
+
+def test_interrupted_run_stays_resumable_not_failed(tmp_path: Path) -> None:
+    trainer = Trainer(compose_config([*TINY, "epochs=3"]), tmp_path)
+    real_step, calls = trainer.step, []
+
+    def interrupted(x: torch.Tensor, y: torch.Tensor):
+        calls.append(1)
+        if len(calls) == trainer.steps_per_epoch + 1:
+            raise KeyboardInterrupt
+        return real_step(x, y)
+
+    trainer.step = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    summary = json.loads((tmp_path / "metrics.json").read_text())
+    assert summary["status"] == "running" and "interrupted" in summary["error"] and summary["epochs_done"] == 1

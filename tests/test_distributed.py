@@ -133,6 +133,9 @@ def test_sam_train_engine_ddp_writes_one_run_directory(tmp_path: Path) -> None:
     summary = json.loads((runs[0] / "metrics.json").read_text())
     assert summary["status"] == "completed" and summary["epochs_done"] == 2
     assert summary["data"]["train_size"] == 128  # both ranks' examples counted once
+    # each replica perturbs with its own half of the batch: the log says m = the per-replica batch
+    assert summary["config"]["devices"] == WORLD
+    assert summary["config"]["m"] == summary["config"]["batch_size"] // WORLD
     log = (runs[0] / "train.log").read_text()
     assert "re-launching under torchrun over 2 processes" in log
     assert log.count("epoch 2/2") == 1, "only rank 0 writes the run directory's log"

@@ -1,7 +1,7 @@
 """fit(): config -> (data, model, optimizer) -> epochs of TrainStep + evaluation -> run directory.
 
-Reliability: the run directory is written atomically; a checkpoint after every epoch lets
-`resume=auto` continue a killed run; each epoch's random draws (data order, augmentation,
+Reliability: the run directory is written atomically; a checkpoint at every evaluation (every
+epoch by default) lets `resume=auto` continue a killed run; each epoch's random draws (data order, augmentation,
 dropout/ShakeDrop) are a pure function of (seed, epoch), so a resumed run ends exactly where an
 uninterrupted one does. A non-finite training loss stops the run with status `diverged`,
 keeping the last good checkpoint.
@@ -59,6 +59,15 @@ class Progress:
     wall_s: float = 0.0
     history: list[dict[str, Any]] | None = None
     started_at: Optional[str] = None
+
+
+class Period:
+    """Training sums since the last evaluation (on the device: read once, at the evaluation)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+        self.correct = torch.zeros((), device=device, dtype=torch.long)
+        self.seen, self.steps, self.epochs, self.train_s, self.lr = 0, 0, 0, 0.0, 0.0
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -168,7 +177,7 @@ class Trainer:
             scaler=self.scaler, first_pass_context=first_pass,
         )
         self.top5 = self.bundle.num_classes > 10
-        self.runlog = RunLog(self.run_dir, cfg.name, flat_config(cfg, rt.precision), environment(rt.device),
+        self.runlog = RunLog(self.run_dir, cfg.name, flat_config(cfg, rt.precision, rt.world_size), environment(rt.device),
                              self.bundle.info) if rt.is_main else None
 
     def _compiled(self, model: nn.Module) -> nn.Module:
@@ -219,9 +228,16 @@ class Trainer:
             self.runlog.restore(progress.history, progress.started_at, progress.wall_s)
             progress.started_at = self.runlog.summary["started_at"]
             self.runlog.write_summary()
+        every, every_steps = self.cfg.engine.eval_every, self.cfg.engine.eval_every_steps
         try:
+            period = Period(self.runtime.device)
             for epoch in range(progress.epoch + 1, self.epochs + 1):
-                row = self._epoch(epoch, progress)
+                self._train_epoch(epoch, progress, period)
+                due = period.steps >= every_steps if every_steps else epoch % every == 0
+                if not due and epoch != self.epochs:
+                    continue  # evaluate, log and checkpoint every eval_every epochs (or steps) and at the end
+                row = self._evaluate(epoch, period, progress)
+                period = Period(self.runtime.device)
                 progress.history.append(row)
                 progress.epoch = epoch
                 if self.runtime.is_main:
@@ -234,7 +250,11 @@ class Trainer:
             if self.runlog:
                 self.runlog.finish("diverged", str(err))
             return EXIT_DIVERGED
-        except BaseException as err:  # a crash or Ctrl-C: say so in metrics.json, then re-raise
+        except (KeyboardInterrupt, SystemExit) as err:  # Ctrl-C, or a preemption signal (SLURM/submitit)
+            if self.runlog:  # not a failure: the run resumes from its last checkpoint when re-run
+                self.runlog.finish("running", f"interrupted ({type(err).__name__}); re-run the same command to resume")
+            raise
+        except BaseException as err:  # a crash: say so in metrics.json, then re-raise
             if self.runlog:
                 self.runlog.finish("failed", f"{type(err).__name__}: {err}")
             raise
@@ -242,46 +262,50 @@ class Trainer:
             self.runlog.finish("completed")
         return EXIT_OK
 
-    def _epoch(self, epoch: int, progress: Progress) -> dict[str, Any]:
+    def _train_epoch(self, epoch: int, progress: Progress, period: "Period") -> None:
+        """One pass over the training loader (or what is left of `train_steps`), summed into `period`."""
         rt, cfg = self.runtime, self.cfg
         # each replica draws its own dropout/ShakeDrop masks (rank 0 draws what a single process does)
         torch.manual_seed(epoch_seed(cfg.seed, epoch) + 7919 * rt.rank)
         self.train_loader.set_epoch(epoch)
         set_train_mode(self.model, cfg.model.freeze_bn)
-        loss_sum = torch.zeros((), device=rt.device, dtype=torch.float64)
-        correct = torch.zeros((), device=rt.device, dtype=torch.long)
-        seen = 0
         steps_left = self.total_steps - progress.step
         bar = tqdm(self.train_loader, total=min(self.steps_per_epoch, steps_left), desc=f"epoch {epoch}/{self.epochs}",
                    disable=not (cfg.engine.progress and rt.is_main), leave=False, dynamic_ncols=True)
         start = time.perf_counter()
-        lr = 0.0
         for index, (x, y) in enumerate(bar):
             if index >= steps_left:
                 break
-            lr = self.lr(progress.step)
+            period.lr = self.lr(progress.step)
             stats = self.step(x, y)
-            loss_sum += stats.loss_sum
-            correct += stats.correct
-            seen += stats.count
+            period.loss_sum += stats.loss_sum
+            period.correct += stats.correct
+            period.seen += stats.count
             progress.step += 1
+            period.steps += 1
             if (index + 1) % LOG_EVERY == 0:
-                self._check_finite(loss_sum, epoch, progress.step)
-                bar.set_postfix(loss=f"{float(loss_sum) / seen:.3f}", err=f"{100 - 100 * int(correct) / seen:.2f}",
-                                img_s=f"{seen / (time.perf_counter() - start):.0f}")
+                self._check_finite(period.loss_sum, epoch, progress.step)
+                bar.set_postfix(loss=f"{float(period.loss_sum) / period.seen:.3f}",
+                                err=f"{100 - 100 * int(period.correct) / period.seen:.2f}")
         bar.close()
-        self._check_finite(loss_sum, epoch, progress.step)
+        self._check_finite(period.loss_sum, epoch, progress.step)
         if rt.device.type == "cuda":
             torch.cuda.synchronize(rt.device)
-        train_s = time.perf_counter() - start
+        period.train_s += time.perf_counter() - start
+        period.epochs += 1
+
+    def _evaluate(self, epoch: int, period: "Period", progress: Progress) -> dict[str, Any]:
+        """The metrics.jsonl row of the epochs in `period`: training sums and a test evaluation."""
+        rt = self.runtime
+        start = time.perf_counter()
         if rt.distributed:  # per-replica BatchNorm: evaluate and checkpoint the ranks' mean statistics
             distributed.average_batchnorm_stats(self.model)
-        totals = torch.stack([loss_sum, correct.double(), torch.tensor(float(seen), device=rt.device, dtype=torch.float64)])
+        totals = torch.stack([period.loss_sum, period.correct.double(),
+                              torch.tensor(float(period.seen), device=rt.device, dtype=torch.float64)])
         if rt.distributed:
             torch.distributed.all_reduce(totals)
         loss_total, correct_total, seen_total = totals.tolist()
-
-        row: dict[str, Any] = {"epoch": epoch, "lr": lr, "train_loss": loss_total / seen_total,
+        row: dict[str, Any] = {"epoch": epoch, "lr": period.lr, "train_loss": loss_total / seen_total,
                                "train_err": 100.0 - 100.0 * correct_total / seen_total}
         if self.val_loader is not None:
             val = evaluate(self.forward_model, self.val_loader, rt, self.top5)
@@ -290,9 +314,9 @@ class Trainer:
         row.update(test_loss=test["loss"], test_err=test["err"])
         if self.top5:
             row["test_top5_err"] = test["top5_err"]
-        epoch_s = time.perf_counter() - start
-        progress.wall_s += epoch_s
-        row.update(epoch_s=round(epoch_s, 3), images_per_s=round(seen_total / train_s, 1))
+        elapsed = period.train_s + time.perf_counter() - start
+        progress.wall_s += elapsed
+        row.update(epoch_s=round(elapsed / period.epochs, 3), images_per_s=round(seen_total / period.train_s, 1))
         return row
 
     def _check_finite(self, loss_sum: torch.Tensor, epoch: int, step: int) -> None:
