@@ -170,6 +170,11 @@ def test_m_sharpness_perturbs_each_chunk_with_its_own_gradient(m: int) -> None:
     whole = make()
     engine_step(whole, optim_cfg("sam"), x, y, steps=2)
     assert not torch.allclose(whole.fc.weight, ours.fc.weight, atol=1e-8)
+    # the chunk sums and the gradient buffers are allocated once, not per step
+    step = engine_step(make(), optim_cfg("sam", m=m), x, y, steps=1)
+    ptrs = [p.grad.data_ptr() for p in step.params] + [a.data_ptr() for a in step._accumulated]
+    step(x, y)
+    assert ptrs == [p.grad.data_ptr() for p in step.params] + [a.data_ptr() for a in step._accumulated]
 
 
 def test_grad_clip_applies_to_the_applied_gradient() -> None:

@@ -133,21 +133,24 @@ class TrainStep:
 
     @torch.no_grad()
     def _accumulate(self, index: int) -> None:
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        """Add this chunk's applied gradient to the sum, then zero the gradients in place for the next."""
+        for p in self.params:
+            if p.grad is None:  # unused by this chunk: contributes zeros
+                p.grad = torch.zeros_like(p)
+        grads = [p.grad for p in self.params]
         if self._accumulated is None:
             self._accumulated = [torch.zeros_like(g) for g in grads]  # allocated once
         if index == 0:
             torch._foreach_copy_(self._accumulated, grads)
         else:
             torch._foreach_add_(self._accumulated, grads)
-        for p in self.params:
-            p.grad = None
+        torch._foreach_zero_(grads)
 
     @torch.no_grad()
     def _use_accumulated(self, chunks: int) -> None:
+        """The applied gradient: the mean over chunks, copied into the (kept) gradient buffers."""
         torch._foreach_mul_(self._accumulated, 1.0 / chunks)
-        for p, g in zip(self.params, self._accumulated):
-            p.grad = g.clone() if p.grad is None else p.grad.copy_(g)
+        torch._foreach_copy_([p.grad for p in self.params], self._accumulated)
 
     # -- the step -------------------------------------------------------------------------------
     def __call__(self, x: Tensor, y: Tensor) -> StepStats:
