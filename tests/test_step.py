@@ -71,13 +71,24 @@ def grads_of(model: nn.Module, x, y, l2: float, smoothing: float = 0.0) -> list[
     return [p.grad.clone() for p in model.parameters()]
 
 
+def bn_stats_of(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
+
+
 def reference_step(model: nn.Module, x, y, *, sam: bool, wd_mode: str = "loss", rho: float = RHO,
                    m: Optional[int] = None, clip: Optional[float] = None, bufs: dict, smoothing: float = 0.0,
-                   freeze_second_bn: bool = True) -> None:
+                   freeze_second_bn: bool = True, group: Optional[int] = None) -> None:
+    """k devices, literally: each group of `group` examples (SAM: `m` when given) is a device that
+    starts from the same BatchNorm statistics, computes its own gradient (and, for SAM, its own e),
+    and keeps its own statistics; the gradients and the statistics are then averaged."""
     l2 = WD if wd_mode == "loss" else 0.0
-    chunks = list(zip(x.split(m), y.split(m))) if (sam and m) else [(x, y)]
+    size = (m if (sam and m) else None) or group or x.shape[0]
+    chunks = list(zip(x.split(size), y.split(size)))
     total = [torch.zeros_like(p) for p in model.parameters()]
+    start = bn_stats_of(model)
+    ends = []
     for xc, yc in chunks:
+        model.load_state_dict({**model.state_dict(), **start})
         if not sam:
             g = grads_of(model, xc, yc, l2, smoothing)
         else:
@@ -87,15 +98,18 @@ def reference_step(model: nn.Module, x, y, *, sam: bool, wd_mode: str = "loss", 
             with torch.no_grad():
                 for p, t in zip(model.parameters(), g0):
                     p.add_(rho * t / norm)
-            stats = {k: v.clone() for k, v in model.state_dict().items() if "running" in k or "num_batches" in k}
+            stats = bn_stats_of(model)
             g = grads_of(model, xc, yc, l2, smoothing)
             if freeze_second_bn:
                 model.load_state_dict({**model.state_dict(), **stats})
             with torch.no_grad():
                 for p, w0 in zip(model.parameters(), w):
                     p.copy_(w0)
+        ends.append(bn_stats_of(model))
         for acc, t in zip(total, g):
             acc += t / len(chunks)
+    averaged = {k: (sum(e[k] for e in ends) / len(ends)) if ends[0][k].is_floating_point() else ends[0][k] for k in start}
+    model.load_state_dict({**model.state_dict(), **averaged})
     if clip is not None:
         norm = math.sqrt(sum(float((t**2).sum()) for t in total))
         total = [t * min(1.0, clip / (norm + 1e-6)) for t in total]
@@ -166,15 +180,97 @@ def test_m_sharpness_perturbs_each_chunk_with_its_own_gradient(m: int) -> None:
     ref.train()
     for _ in range(2):
         reference_step(ref, x, y, sam=True, m=m, bufs=bufs)
-    assert_same(ours, ref, buffers=False)  # BN counts differ: k chunk updates vs the reference's
+    assert_same(ours, ref)  # weights, and the chunks' BatchNorm statistics averaged as k devices keep them
+    assert int(ours.bn.num_batches_tracked) == 2
     whole = make()
     engine_step(whole, optim_cfg("sam"), x, y, steps=2)
     assert not torch.allclose(whole.fc.weight, ours.fc.weight, atol=1e-8)
-    # the chunk sums and the gradient buffers are allocated once, not per step
-    step = engine_step(make(), optim_cfg("sam", m=m), x, y, steps=1)
-    ptrs = [p.grad.data_ptr() for p in step.params] + [a.data_ptr() for a in step._accumulated]
-    step(x, y)
-    assert ptrs == [p.grad.data_ptr() for p in step.params] + [a.data_ptr() for a in step._accumulated]
+
+
+@pytest.mark.parametrize("name", ["sgd", "sam"])
+@pytest.mark.parametrize("wd_mode", ["loss", "decoupled"])
+def test_per_device_step_equals_k_literal_devices(name: str, wd_mode: str) -> None:
+    """device_batch=4 over 12 examples: three devices, each with its own BatchNorm (normalizing over
+    its 4 examples, keeping its own running statistics, averaged) and, for SAM, its own e(w)."""
+    x, y = data(12)
+    ours, ref = make(), make()
+    engine_step(ours, optim_cfg(name, wd_mode=wd_mode), x, y, steps=3, device_batch=4)
+    bufs: dict = {}
+    ref.train()
+    for _ in range(3):
+        reference_step(ref, x, y, sam=name == "sam", wd_mode=wd_mode, bufs=bufs, group=4)
+    assert_same(ours, ref)
+    # ... and not the one-device step: BatchNorm over 12 examples gives other weights and statistics
+    whole = make()
+    engine_step(whole, optim_cfg(name, wd_mode=wd_mode), x, y, steps=3)
+    assert not torch.allclose(whole.fc.weight, ours.fc.weight, atol=1e-8)
+    assert not torch.allclose(whole.bn.running_var, ours.bn.running_var, atol=1e-8)
+
+
+def test_m_smaller_than_the_device_batch_splits_each_device() -> None:
+    """SAM with device_batch=4 and m=2 perturbs every 2 examples; SGD ignores m (BatchNorm over 4)."""
+    x, y = data(8)
+    sam_net, ref = make(), make()
+    engine_step(sam_net, optim_cfg("sam", m=2), x, y, steps=2, device_batch=4)
+    bufs: dict = {}
+    ref.train()
+    for _ in range(2):
+        reference_step(ref, x, y, sam=True, m=2, bufs=bufs)
+    assert_same(sam_net, ref)
+    sgd_net, sgd_ref = make(), make()
+    engine_step(sgd_net, optim_cfg("sgd", m=2), x, y, steps=2, device_batch=4)
+    bufs = {}
+    sgd_ref.train()
+    for _ in range(2):
+        reference_step(sgd_ref, x, y, sam=False, bufs=bufs, group=4)
+    assert_same(sgd_net, sgd_ref)
+
+
+@pytest.mark.parametrize("bn_stats", ["first_pass", "both"])
+def test_per_device_bn_stats_first_pass_only_or_both(bn_stats: str) -> None:
+    x, y = data(8)
+    ours, ref = make(), make()
+    engine_step(ours, optim_cfg("sam", bn_stats=bn_stats), x, y, steps=2, device_batch=4)
+    bufs: dict = {}
+    ref.train()
+    for _ in range(2):
+        reference_step(ref, x, y, sam=True, bufs=bufs, group=4, freeze_second_bn=bn_stats == "first_pass")
+    assert_same(ours, ref)
+    assert int(ours.bn.num_batches_tracked) == (2 if bn_stats == "first_pass" else 4)
+
+
+def test_per_device_step_with_clipping_and_label_smoothing() -> None:
+    x, y = data(8)
+    ours, ref = make(), make()
+    engine_step(ours, optim_cfg("sam", grad_clip=0.05, label_smoothing=0.1), x, y, steps=2, device_batch=4)
+    bufs: dict = {}
+    ref.train()
+    for _ in range(2):
+        reference_step(ref, x, y, sam=True, bufs=bufs, group=4, clip=0.05, smoothing=0.1)
+    assert_same(ours, ref)
+
+
+def test_per_device_step_replays_dropout_in_the_perturbed_pass() -> None:
+    """rho=0: the perturbed pass evaluates w itself; with every group's mask replayed the SAM step is
+    exactly the per-device SGD step taken from the same generator state."""
+    x, y = data(8)
+    sam_net, sgd_net = make(dropout=0.5), make(dropout=0.5)
+    torch.manual_seed(42)
+    engine_step(sam_net, optim_cfg("sam", rho=0.0), x, y, device_batch=4)
+    torch.manual_seed(42)
+    engine_step(sgd_net, optim_cfg("sgd"), x, y, device_batch=4)
+    assert_same(sam_net, sgd_net)
+
+
+def test_gradient_buffers_are_kept_across_steps() -> None:
+    """The step zeroes gradients in place (set_to_none=False): the base optimizer's and the clip's
+    foreach kernels see the same storage every step, on both paths."""
+    x, y = data(8)
+    for kw in ({}, {"device_batch": 4}):
+        step = engine_step(make(), optim_cfg("sam"), x, y, steps=1, **kw)
+        ptrs = [p.grad.data_ptr() for p in step.params]
+        step(x, y)
+        assert ptrs == [p.grad.data_ptr() for p in step.params]
 
 
 def test_grad_clip_applies_to_the_applied_gradient() -> None:

@@ -84,6 +84,19 @@ def average_batchnorm_stats(model: nn.Module) -> None:
         b.copy_(part.view_as(b))
 
 
+@torch.no_grad()
+def average_gradients(grads: list[torch.Tensor]) -> None:
+    """Replace every gradient by its mean over the ranks (one all-reduce of one flat buffer).
+
+    The per-device step's grouped path calls the module functionally, so DDP's own backward hooks do
+    not reduce its gradients; this does, once per step, after the perturbed pass."""
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    for g, part in zip(grads, flat.split([g.numel() for g in grads])):
+        g.copy_(part.view_as(g))
+
+
 def summed(t: torch.Tensor) -> torch.Tensor:
     """A copy of `t` summed over the ranks (the tensor itself in a single process)."""
     if not (dist.is_available() and dist.is_initialized()):

@@ -1,10 +1,12 @@
 """Random draws shared by SAM's two passes, and the Shake-Shake / ShakeDrop layers.
 
 SAM evaluates the loss twice per step, at w and at w + e. The official code (google-research/sam)
-feeds both passes the same PRNG key, so dropout masks and Shake-Shake / ShakeDrop coefficients are
-identical in both; in the first pass the shake layers also use the "true gradient" (the forward
-coefficient in the backward pass too), while normal training and SAM's second pass use an
-independent backward coefficient. Here that is one small mechanism:
+feeds both passes the same PRNG key, so dropout masks, Shake-Shake gates and the ShakeDrop alpha /
+beta coefficients are identical in both. The ShakeDrop keep/drop MASK is the exception: the
+official train.py swaps `jax.random.bernoulli` for a hardware generator that ignores its key, so
+the mask is drawn afresh in the perturbed pass (PAPER.md). In the first pass the shake layers also
+use the "true gradient" (the forward coefficient in the backward pass too), while normal training
+and SAM's second pass use an independent backward coefficient. Here that is one small mechanism:
 
 - Every stochastic layer draws all its random numbers inside `forward`, from torch's global
   generator on the input's device, and draws the same number of values whatever its mode. The
@@ -13,10 +15,15 @@ independent backward coefficient. Here that is one small mechanism:
   `RandomDraws.replay()` restores them before the second: every stochastic layer (these, nn.Dropout,
   timm's DropPath) repeats its draws. Snapshots are host-side copies of the generator's seed and
   offset (torch.get_rng_state / torch.cuda.get_rng_state): no device synchronization.
+- ShakeDrop draws two mask uniforms per sample and reads the second one in the perturbed pass
+  (`StochasticLayer.perturbed_pass`, set by the step), so its mask is fresh there while everything
+  else is replayed; `ShakeDrop.replay_mask = True` (`optim.shakedrop_mask=replay`) reads the first
+  one in both passes instead.
 - `set_true_gradient(model, enabled)` flips `StochasticLayer.true_gradient` on every layer.
 
-The layers keep Python control flow on module attributes only (training, true_gradient), never on
-tensor values, so torch.compile traces them without graph breaks.
+The layers keep Python control flow on module attributes only (training, true_gradient,
+perturbed_pass), never on tensor values, so torch.compile traces them without graph breaks, and
+they work under torch.func transforms (vmap over device groups, grad).
 """
 from __future__ import annotations
 
@@ -57,6 +64,7 @@ class StochasticLayer(nn.Module):
     """
 
     true_gradient: bool = False
+    perturbed_pass: bool = False  # SAM's second pass (at w + e): ShakeDrop redraws its mask there
 
 
 def set_true_gradient(model: nn.Module, enabled: bool) -> None:
@@ -67,13 +75,20 @@ def set_true_gradient(model: nn.Module, enabled: bool) -> None:
 
 
 class _ScaleGrad(torch.autograd.Function):
-    """y = x * forward_coef; dL/dx = dL/dy * backward_coef (coefficients carry no gradient)."""
+    """y = x * forward_coef; dL/dx = dL/dy * backward_coef (coefficients carry no gradient).
+
+    Written with `setup_context` and an automatic vmap rule so that torch.func (the per-device
+    step's vmap over device groups and per-group gradients) can transform it."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, forward_coef: torch.Tensor,
-                backward_coef: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(backward_coef)
+    def forward(x: torch.Tensor, forward_coef: torch.Tensor, backward_coef: torch.Tensor) -> torch.Tensor:
         return x * forward_coef
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(inputs[2])
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
@@ -131,7 +146,11 @@ class ShakeDrop(StochasticLayer):
     multiplies by b + alpha - b*alpha, backward by b + beta - b*beta (official `shake_drop_train`;
     `keep_prob` is the official `mask_prob`, the probability that the branch passes unchanged).
     Eval: E[b + alpha - b*alpha] * x (official `shake_drop_eval`).
+    In SAM's perturbed pass b is drawn afresh (as the official code's keyless mask generator did)
+    unless `replay_mask` is set; alpha and beta are always replayed.
     """
+
+    replay_mask: bool = False  # optim.shakedrop_mask=replay: the perturbed pass reuses the first pass's mask
 
     def __init__(self, keep_prob: float, alpha_range: Tuple[float, float] = (-1.0, 1.0),
                  beta_range: Tuple[float, float] = (0.0, 1.0)) -> None:
@@ -147,8 +166,9 @@ class ShakeDrop(StochasticLayer):
         if not self.training:
             mean_alpha = 0.5 * (alpha_lo + alpha_hi)
             return (self.keep_prob + mean_alpha - self.keep_prob * mean_alpha) * x
-        u = _per_sample_uniform(3, x)
-        keep = (u[0] < self.keep_prob).float()
+        u = _per_sample_uniform(4, x)  # mask, alpha, beta, and the perturbed pass's fresh mask
+        mask_u = u[3] if self.perturbed_pass and not self.replay_mask else u[0]
+        keep = (mask_u < self.keep_prob).float()
         alpha = alpha_lo + (alpha_hi - alpha_lo) * u[1]
         beta = beta_lo + (beta_hi - beta_lo) * u[2]
         forward_coef = keep + alpha - keep * alpha

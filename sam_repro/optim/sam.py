@@ -6,7 +6,12 @@
 
 e(w) = rho * g / (||g||_2 + eps) with ONE norm over every parameter that has a gradient (all
 groups, all devices), or rho * sign(g) for p = inf, or, with adaptive=True (ASAM, Kwon et al.
-2021), rho * T^2 g / (||T g||_2 + eps) with T = |w| + eta. Per-group `rho` overrides the default.
+2021), rho * T^2 g / (||T g||_2 + eps) with T = |w| + eta. Per-group `rho` overrides the default;
+a group with `adaptive_scale=False` takes T = 1 (the official ASAM code scales only parameters
+whose name contains `weight`: the optimizer factory puts biases in such a group).
+
+`grouped_perturbation` computes the same e(w) for k groups of examples at once (the per-device
+step: each device perturbs with its own gradient); tests hold it equal to `first_step`.
 
 Why it is fast: every operation is a multi-tensor `torch._foreach_*` kernel over all parameters of
 one (device, dtype) at once; the norm stays on the device (no `.item()`, no host sync); the copy of
@@ -63,7 +68,7 @@ class SAM(torch.optim.Optimizer):
         if adaptive and p != 2:
             raise ValueError("adaptive=True (ASAM) is defined for p=2 only")
         # SAM's epsilon is stored as "sam_eps": Adam-family base optimizers read group["eps"].
-        defaults = dict(rho=rho, p=p, adaptive=adaptive, eta=eta, sam_eps=eps, **base_kwargs)
+        defaults = dict(rho=rho, p=p, adaptive=adaptive, eta=eta, sam_eps=eps, adaptive_scale=True, **base_kwargs)
         super().__init__(params, defaults)
         # The base optimizer shares the very same group dicts, so a scheduler that sets
         # group["lr"] on either object is seen by both, and per-group rho lives beside lr.
@@ -91,7 +96,7 @@ class SAM(torch.optim.Optimizer):
 
         for key, b in buckets.items():
             self._save_weights(b)
-            if adaptive:
+            if adaptive and b["scale"]:
                 # T = |w| + eta, built in the parameter storage (w is safe in the saved copy and
                 # is copied back below): no extra buffer. scratch <- T g.
                 torch._foreach_abs_(b["params"])
@@ -108,7 +113,7 @@ class SAM(torch.optim.Optimizer):
 
         for key, b in buckets.items():
             s = scratch[key]
-            if adaptive:
+            if adaptive and b["scale"]:
                 torch._foreach_mul_(s, b["params"])  # T^2 g
                 torch._foreach_copy_(b["params"], b["saved"])  # back to w
             if p_norm == 2:
@@ -154,6 +159,44 @@ class SAM(torch.optim.Optimizer):
         self.second_step()
         return loss
 
+    @torch.no_grad()
+    def grouped_perturbation(self, params: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
+        """e(w) for k groups at once, each from its own gradient: `grads[i]` is (k, *params[i].shape),
+        the k groups' gradients of `params[i]` at w (L2 term included). Returns the k perturbations
+        per parameter, built in place in `grads`. The same formula as `first_step` (p = 2 with one norm
+        per group over all parameters, p = inf, ASAM), batched over the leading dimension: a handful
+        of kernels whatever k is, and no host synchronization."""
+        self._check_group_settings()
+        k = grads[0].shape[0]
+        settings = self._settings_of(params)
+        adaptive, p_norm = self.param_groups[0]["adaptive"], self.param_groups[0]["p"]
+        if p_norm != 2:  # p = inf: e = rho * sign(g), per element
+            for grad, g in zip(grads, settings):
+                grad.sign_().mul_(g["rho"])
+            return grads
+        # T = |w| + eta for scaled ASAM parameters (None: T = 1); broadcast over the k groups
+        t = [(w.abs() + g["eta"]) if adaptive and g.get("adaptive_scale", True) else None for w, g in zip(params, settings)]
+        for grad, ti in zip(grads, t):
+            if ti is not None:
+                grad.mul_(ti)  # T g
+        # one norm per group over every parameter: the squared norms of the k rows of each tensor
+        rows = [row for grad in grads for row in grad.unbind(0)]
+        acc = torch.promote_types(grads[0].dtype, torch.float32)
+        squares = torch.stack(torch._foreach_norm(rows, 2, dtype=acc)).view(len(grads), k).square()
+        norm = squares.sum(dim=0).sqrt()  # (k,)
+        eps = self.param_groups[0]["sam_eps"]
+        for grad, ti, g in zip(grads, t, settings):
+            scale = (g["rho"] / (norm + eps)).to(grad.dtype).view(k, *([1] * (grad.dim() - 1)))
+            grad.mul_(scale)
+            if ti is not None:
+                grad.mul_(ti)  # rho * T^2 g / ||T g||
+        return grads
+
+    def _settings_of(self, params: list[Tensor]) -> list[dict[str, Any]]:
+        """The param group of each parameter (rho, eta, adaptive_scale live there)."""
+        group_of = {id(q): group for group in self.param_groups for q in group["params"]}
+        return [group_of[id(q)] for q in params]
+
     # -- state ----------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """The base optimizer's state (momentum buffers ...) and the groups, SAM settings included."""
@@ -182,6 +225,7 @@ class SAM(torch.optim.Optimizer):
                 b["params"].append(param)
                 b["grads"].append(param.grad)
                 b["rho"], b["eta"], b["eps"] = group["rho"], group["eta"], group["sam_eps"]
+                b["scale"] = group.get("adaptive_scale", True)
         return dict(buckets)
 
     def _save_weights(self, bucket: dict[str, Any]) -> None:
