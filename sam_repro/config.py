@@ -85,10 +85,12 @@ class OptimConfig:
     p: float = 2.0  # 2 or inf
     adaptive: bool = False  # ASAM
     eta: float = 0.0  # ASAM: T = |w| + eta
+    asam_scale: str = "weights"  # ASAM: T on parameters named *weight* (official ASAM code; biases T = 1) | all
     eps: float = 1e-12
-    m: Optional[int] = None  # m-sharpness: examples per perturbation; null = the whole device batch
+    m: Optional[int] = None  # m-sharpness: examples per perturbation (divides device_batch); null = the device batch
     bn_stats: str = "first_pass"  # first_pass (official) | both
     true_gradient: bool = True  # first SAM pass: Shake-Shake/ShakeDrop use one coefficient both ways (official)
+    shakedrop_mask: str = "fresh"  # SAM's perturbed pass: fresh ShakeDrop mask (official) | replay the first pass's
     grad_clip: Optional[float] = 5.0  # global-norm clip of the applied (second-pass) gradient; official 5.0
     label_smoothing: float = 0.0
     sync_perturbation: bool = False  # multi-GPU: all-reduce the first-pass gradient before e(w)
@@ -106,7 +108,7 @@ class SchedConfig:
 @dataclass
 class EngineConfig:
     device: str = "auto"  # auto (cuda when available) | cpu | cuda | cuda:N
-    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
+    precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 (strict) | tf32 | bf16 | fp16 | fp64
     channels_last: Optional[bool] = None  # null = on for GPU
     compile: bool = False  # torch.compile the model
     cuda_graphs: bool = False  # torch.compile mode=reduce-overhead (CUDA graphs) for launch-bound models
@@ -133,6 +135,14 @@ class TrainConfig:
     seed: int = 0
     epochs: int = 200
     batch_size: int = 256  # global batch (all devices together)
+    # Examples per device, real or emulated: each device batch is normalized by BatchNorm on its own
+    # (running statistics averaged over devices) and, for SAM, perturbed with its own gradient. The
+    # paper's CIFAR runs: 32 (8 devices x 32). null = one device per process (the whole per-process
+    # batch: faster on one GPU, not the paper's setting).
+    device_batch: Optional[int] = None
+    # SAM's / ASAM's rho for this setting; optim=sam reads method_rho.sam, optim=asam method_rho.asam
+    # (a preset sets both, so switching the method keeps each method's own rho). optim.rho=... wins.
+    method_rho: Dict[str, float] = field(default_factory=lambda: {"sam": 0.05, "asam": 0.5})
     train_steps: Optional[int] = None  # finetuning recipes count optimizer steps; overrides epochs
     resume: str = "auto"  # auto (continue a run found in the run dir) | never | must
     data_root: str = "${oc.env:SAM_DATA,'~/data'}"  # '~' is expanded by the data layer

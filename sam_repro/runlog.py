@@ -33,14 +33,15 @@ def now_iso() -> str:
 def flat_config(cfg: DictConfig, precision: str, world_size: int = 1) -> dict[str, Any]:
     """The flat `config` block: the keys the report groups runs by.
 
-    `m` is the number of examples per perturbation actually used: optim.m, else the per-replica
-    batch of a multi-GPU run (each replica perturbs with its own gradient), else null (the batch).
+    `device_batch` is the number of examples per device, real or emulated (BatchNorm normalizes over
+    it): `device_batch`, else the batch of one process. `m` is the number of examples per
+    perturbation actually used: optim.m, else the device batch (each device perturbs with its own
+    gradient), or null when one synchronized e(w) covers the whole batch. `devices` counts processes.
     """
     method = METHODS[cfg.optim.name]
     sam = method.uses_sam
-    m = cfg.optim.m
-    if m is None and world_size > 1 and not cfg.optim.sync_perturbation:
-        m = cfg.batch_size // world_size
+    device_batch = cfg.device_batch or cfg.batch_size // world_size
+    m = None if cfg.optim.sync_perturbation else (cfg.optim.m or device_batch)
     return {
         "dataset": cfg.dataset.name,
         "model": cfg.model.name,
@@ -50,6 +51,7 @@ def flat_config(cfg: DictConfig, precision: str, world_size: int = 1) -> dict[st
         "p": (2 if cfg.optim.p == 2 else "inf") if sam else None,
         "adaptive": method.adaptive if sam else None,
         "m": m if sam else None,
+        "device_batch": device_batch,
         "devices": world_size,
         "label_noise": cfg.dataset.label_noise,
         "noise_kind": cfg.dataset.noise_kind,

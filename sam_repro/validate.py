@@ -17,11 +17,11 @@ from sam_repro.data import CUTOUT_PER, DATASETS, LOADERS, NOISE_KINDS, PAD_MODES
 from sam_repro.engine.distributed import planned_world_size
 from sam_repro.engine.runtime import PRECISIONS
 from sam_repro.engine.schedule import SCHEDULES
-from sam_repro.engine.step import BN_STATS
+from sam_repro.engine.step import BN_STATS, SHAKEDROP_MASKS
 from sam_repro.models import is_model, list_models
 from sam_repro.models.finetune import BOTH_WAYS
 from sam_repro.models.registry import timm_name
-from sam_repro.optim.factory import BASE_OPTIMIZERS, METHODS, WD_MODES
+from sam_repro.optim.factory import ASAM_SCALES, BASE_OPTIMIZERS, METHODS, WD_MODES
 
 RESUME_MODES = ("auto", "never", "must")
 
@@ -94,6 +94,10 @@ def validate(cfg: DictConfig) -> None:
     need(not (o.name == "asam" and o.p != 2), "optim.p", o.p, "ASAM (optim=asam) is defined for p=2 only")
     need(o.eta >= 0, "optim.eta", o.eta, "must be >= 0")
     one_of("optim.bn_stats", o.bn_stats, BN_STATS)
+    one_of("optim.shakedrop_mask", o.shakedrop_mask, SHAKEDROP_MASKS)
+    one_of("optim.asam_scale", o.asam_scale, ASAM_SCALES)
+    for method, rho in cfg.method_rho.items():
+        need(rho >= 0, f"method_rho.{method}", rho, "must be >= 0")
     need(o.grad_clip is None or o.grad_clip > 0, "optim.grad_clip", o.grad_clip, "must be > 0, or null for no clipping")
     need(0 <= o.label_smoothing < 1, "optim.label_smoothing", o.label_smoothing, "must be in [0, 1)")
 
@@ -101,10 +105,19 @@ def validate(cfg: DictConfig) -> None:
     need(cfg.batch_size >= 1, "batch_size", cfg.batch_size, "must be >= 1")
     if cfg.batch_size >= 1:
         need(cfg.batch_size % world == 0, "batch_size", cfg.batch_size, f"must be divisible by the {world} processes")
-        per_device = cfg.batch_size // world
+        per_process = cfg.batch_size // world
+        db = cfg.device_batch
+        need(db is None or (db >= 1 and per_process % db == 0), "device_batch", db,
+             f"must divide the batch of each of the {world} processes ({per_process}), "
+             f"or be null (one device per process)")
+        per_device = db if db is not None and db >= 1 and per_process % db == 0 else per_process
         if o.m is not None:
             need(o.m >= 1 and per_device % o.m == 0, "optim.m", o.m,
-                 f"must divide the per-device batch ({per_device}), or be null (one perturbation per device batch)")
+                 f"must divide the per-device batch ({per_device}), or be null (m = the per-device batch)")
+        need(not (o.sync_perturbation and (per_device < per_process or (o.m or per_device) < per_device)),
+             "optim.sync_perturbation", o.sync_perturbation,
+             "one shared e(w) for the whole batch excludes per-device perturbations: set device_batch=null "
+             "and optim.m=null, or optim.sync_perturbation=false")
     need(cfg.epochs >= 1, "epochs", cfg.epochs, "must be >= 1")
     need(cfg.train_steps is None or cfg.train_steps >= 1, "train_steps", cfg.train_steps, "must be >= 1, or null")
     one_of("resume", cfg.resume, RESUME_MODES)

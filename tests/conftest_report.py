@@ -24,7 +24,8 @@ def write_run(root: Path, name: str, *, test_err: float | None = None, status: s
     `config` overrides the defaults below (a paper-setting CIFAR-10 WRN-28-10 SAM run)."""
     cfg: dict[str, Any] = {
         "dataset": "cifar10", "model": "wrn28_10", "augment": "basic", "optimizer": "sam",
-        "rho": 0.05, "p": 2, "adaptive": False, "m": None, "label_noise": 0.0, "noise_kind": "symmetric",
+        "rho": 0.05, "p": 2, "adaptive": False, "m": 32, "device_batch": 32, "label_noise": 0.0,
+        "noise_kind": "symmetric",
         "epochs": 200, "batch_size": 256, "seed": 0, "precision": "bf16", "lr": 0.1,
         "weight_decay": 0.0005, "wd_mode": "loss", "bn_stats": "first_pass", "label_smoothing": 0.0,
         "grad_clip": 5.0, "val_fraction": 0.0, "train_steps": None,

@@ -79,7 +79,7 @@ def build_model(cfg: DictConfig, bundle: DataBundle, runtime: Runtime) -> nn.Mod
     """The model on its device, in channels_last where that is the fast layout (a pretrained backbone
     with a new head when finetuning)."""
     model = create_model_from_config(cfg.model, num_classes=bundle.num_classes, in_chans=bundle.in_chans)
-    model = model.to(runtime.device)
+    model = model.to(runtime.device, runtime.dtype)
     if runtime.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
@@ -104,6 +104,7 @@ def evaluate(model: nn.Module, loader: Iterable, runtime: Runtime, top5: bool) -
     wrong5 = torch.zeros((), device=device, dtype=torch.long)
     count = 0
     for x, y in loader:
+        x = x.to(runtime.dtype) if x.is_floating_point() else x
         if runtime.channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=runtime.autocast_dtype or torch.float32,
@@ -171,10 +172,12 @@ class Trainer:
             first_pass = contextlib.nullcontext if cfg.optim.sync_perturbation else ddp.no_sync
         self.step = TrainStep(
             train_model, self.optimizer, self.sam,
-            StepConfig(m=cfg.optim.m, bn_stats=cfg.optim.bn_stats, grad_clip=cfg.optim.grad_clip,
-                       label_smoothing=cfg.optim.label_smoothing, true_gradient=cfg.optim.true_gradient,
+            StepConfig(m=cfg.optim.m, device_batch=cfg.device_batch, bn_stats=cfg.optim.bn_stats,
+                       grad_clip=cfg.optim.grad_clip, label_smoothing=cfg.optim.label_smoothing,
+                       true_gradient=cfg.optim.true_gradient, shakedrop_mask=cfg.optim.shakedrop_mask,
                        autocast_dtype=rt.autocast_dtype, channels_last=rt.channels_last),
-            scaler=self.scaler, first_pass_context=first_pass,
+            scaler=self.scaler, first_pass_context=first_pass, module=self.model,
+            grad_reduce=distributed.average_gradients if rt.distributed else None,
         )
         self.top5 = self.bundle.num_classes > 10
         self.runlog = RunLog(self.run_dir, cfg.name, flat_config(cfg, rt.precision, rt.world_size), environment(rt.device),
@@ -277,7 +280,7 @@ class Trainer:
             if index >= steps_left:
                 break
             period.lr = self.lr(progress.step)
-            stats = self.step(x, y)
+            stats = self.step(x.to(rt.dtype) if x.is_floating_point() else x, y)
             period.loss_sum += stats.loss_sum
             period.correct += stats.correct
             period.seen += stats.count

@@ -1,6 +1,9 @@
 """Where and how a run computes: device, precision, memory format, distributed rank.
 
 Defaults: bf16 autocast and channels_last on a GPU, fp32 on the CPU. fp16 adds a GradScaler.
+`fp32` is strict float32 (TF32 off on a GPU) and `tf32` lets matmuls and convolutions use TF32: the
+controls against bf16 autocast, which rounds most of SAM's e(w) away (docs/semantics.md). `fp64`
+(float64 weights and data) is for exact comparisons.
 """
 from __future__ import annotations
 
@@ -13,14 +16,30 @@ import torch
 
 from sam_repro.config import EngineConfig
 
-# precision name -> autocast dtype (None: no autocast)
-PRECISIONS: dict[str, Optional[torch.dtype]] = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+@dataclass(frozen=True)
+class Precision:
+    """How a precision name computes: autocast dtype (None: no autocast), weight/data dtype, TF32."""
+
+    autocast: Optional[torch.dtype]
+    dtype: torch.dtype = torch.float32
+    tf32: bool = True  # GPU only: TF32 for the float32 matmuls/convolutions that remain
+
+
+PRECISIONS: dict[str, Precision] = {
+    "fp32": Precision(None, tf32=False),
+    "tf32": Precision(None),
+    "bf16": Precision(torch.bfloat16),
+    "fp16": Precision(torch.float16),
+    "fp64": Precision(None, dtype=torch.float64, tf32=False),
+}
 
 
 @dataclass(frozen=True)
 class Runtime:
     device: torch.device
-    precision: str  # fp32 | bf16 | fp16
+    precision: str  # a key of PRECISIONS
     channels_last: bool
     rank: int = 0
     local_rank: int = 0
@@ -28,7 +47,12 @@ class Runtime:
 
     @property
     def autocast_dtype(self) -> Optional[torch.dtype]:
-        return PRECISIONS[self.precision]
+        return PRECISIONS[self.precision].autocast
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the weights and of the data fed to the model."""
+        return PRECISIONS[self.precision].dtype
 
     @property
     def is_main(self) -> bool:
@@ -58,6 +82,8 @@ def resolve_runtime(cfg: EngineConfig) -> Runtime:
     channels_last = cfg.channels_last if cfg.channels_last is not None else on_gpu
     if on_gpu:
         torch.cuda.set_device(device)
+        torch.backends.cuda.matmul.allow_tf32 = PRECISIONS[precision].tf32
+        torch.backends.cudnn.allow_tf32 = PRECISIONS[precision].tf32
     return Runtime(device, precision, channels_last, rank, local_rank, world_size)
 
 
@@ -75,5 +101,3 @@ def set_determinism(deterministic: bool, on_gpu: bool) -> None:
         torch.backends.cudnn.benchmark = False
     elif on_gpu:
         torch.backends.cudnn.benchmark = True
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True

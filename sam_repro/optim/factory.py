@@ -49,23 +49,34 @@ BASE_OPTIMIZERS: dict[str, Callable[[OptimConfig, float], tuple[type[torch.optim
 WD_MODES = ("loss", "decoupled")
 
 
+ASAM_SCALES = ("weights", "all")
+
+
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict[str, Any]]:
-    """One group, or two when BatchNorm/bias parameters (ndim <= 1) are exempt from decay.
+    """The parameters grouped by (decay, ASAM scaling), in the model's order.
 
     Each group carries `l2` (the decay the step adds to the gradient in `loss` mode) and
     `weight_decay` (the base optimizer's own decay in `decoupled` mode); one of them is 0.
+    BatchNorm/bias parameters (ndim <= 1) are exempt from decay when `wd_on_bn` is off. For ASAM,
+    `adaptive_scale` says whether T = |w| + eta applies: with `asam_scale=weights` (the official ASAM
+    code) only to parameters whose name contains `weight`; the others take T = 1.
     """
-    params = [p for p in model.parameters() if p.requires_grad]
-    if cfg.wd_on_bn:
-        split = [(params, cfg.weight_decay)]
-    else:
-        split = [([p for p in params if p.ndim > 1], cfg.weight_decay), ([p for p in params if p.ndim <= 1], 0.0)]
+    adaptive = METHODS[cfg.name].adaptive
+    split: dict[tuple[float, bool], list[nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        decay = cfg.weight_decay if (cfg.wd_on_bn or param.ndim > 1) else 0.0
+        scaled = cfg.asam_scale == "all" or "weight" in name  # the official test, on the full name
+        split.setdefault((decay, scaled if adaptive else True), []).append(param)
     in_loss = cfg.wd_mode == "loss"
-    return [
-        {"params": ps, "l2": wd if in_loss else 0.0, "weight_decay": 0.0 if in_loss else wd}
-        for ps, wd in split
-        if ps
-    ]
+    groups = []
+    for (wd, scaled), params in split.items():
+        group: dict[str, Any] = {"params": params, "l2": wd if in_loss else 0.0, "weight_decay": 0.0 if in_loss else wd}
+        if adaptive:
+            group["adaptive_scale"] = scaled
+        groups.append(group)
+    return groups
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> tuple[torch.optim.Optimizer, Optional[SAM]]:

@@ -69,6 +69,10 @@ class Expected:
     source: str = "torchvision"  # the official files
     val_fraction: float = 0.0  # the paper's final numbers train on the whole training set
     counts_steps: bool = False  # the recipe is a number of optimizer steps (finetuning), not epochs
+    # The official CIFAR-sized runs: 8 devices x 32 examples, each normalizing its own BatchNorm
+    # batch and (SAM) perturbing with its own gradient: device_batch and m 32 (Tables 1, 4, 5).
+    device_batch: int | None = None
+    m: int | None = None  # SAM only
 
 
 @lru_cache(maxsize=1)
@@ -123,6 +127,9 @@ def run_augment(table: int, dataset: str, csv_augment: str) -> str | None:
     return csv_augment
 
 
+PAPER_DEVICE_BATCH = 32  # examples per device in the official CIFAR/SVHN/Fashion-MNIST runs (256 / 8)
+
+
 def expected(row: pd.Series) -> Expected:
     """The setting a run must have to fill the paper cell `row` (a paper_csv() row)."""
     table, dataset, model = int(row["table"]), row["dataset"], row["model"]
@@ -151,6 +158,8 @@ def expected(row: pd.Series) -> Expected:
         label_noise=float(row["label_noise"]), optimizer=row["method"],
         rho=rho if sam else None, epochs=allowed, train_steps=steps, batch_size=batch,
         p=2.0 if sam else None, counts_steps=counts_steps,
+        device_batch=PAPER_DEVICE_BATCH if table in (1, 4, 5) else None,
+        m=PAPER_DEVICE_BATCH if table in (1, 4, 5) and sam else None,
         # Birdsnap has no torchvision dataset: the image-folder copy is its official form
         source="folder" if dataset == "birdsnap" else "torchvision",
     )

@@ -64,8 +64,9 @@ SPECS: dict[int, Spec] = {
 }
 MATCH_NOTE = (
     "A run fills a cell only in the paper's setting: data.source torchvision, the paper's epochs, "
-    "rho (SAM), p=2, batch size, label noise, no validation hold-out, optimizer sam or sgd "
-    "(m as the run logged). Every other run is in [budget.md](budget.md), never merged."
+    "rho (SAM), p=2, batch size, label noise, no validation hold-out, optimizer sam or sgd, and for "
+    "Tables 1, 4 and 5 the per-device batch of the official runs (device_batch 32: BatchNorm per 32 "
+    "examples; SAM's m 32). Every other run is in [budget.md](budget.md), never merged."
 )
 
 
@@ -182,6 +183,11 @@ def diff_fields(setting: dict[str, Any], exp: paper.Expected) -> list[tuple[str,
         add("epochs", f"epochs {setting.get('epochs')} (paper {wanted})")
     if exp.batch_size is not None and setting.get("batch_size") != exp.batch_size:
         add("batch_size", f"batch_size {setting.get('batch_size')} (paper {exp.batch_size})")
+    if exp.device_batch is not None and _num(setting.get("device_batch")) != exp.device_batch:
+        add("device_batch", f"device_batch {_g(_num(setting.get('device_batch')))} "
+                            f"(paper {exp.device_batch}: BatchNorm per device)")
+    if exp.m is not None and _num(setting.get("m")) != exp.m:
+        add("m", f"m {_g(_num(setting.get('m')))} (paper {exp.m})")
     if setting.get("data.source") != exp.source:
         add("data.source", f"data {setting.get('data.source')} (paper {exp.source})")
     val = _num(setting.get("val_fraction")) or 0.0
