@@ -62,36 +62,54 @@ def test_smoke_preset_writes_the_run_directory(tmp_path: Path) -> None:
     assert read_rows(run) == rows, "re-running a completed configuration must not train again"
 
 
+# Runs sam-train with RunLog.log_epoch patched to SIGKILL the process after epoch KILL_AT's row is
+# appended to metrics.jsonl and before metrics.json is rewritten: the worst moment (the checkpoint,
+# metrics.jsonl and metrics.json disagree), reached deterministically, with no polling or timer.
+KILLER = """
+import os, signal, sys
+from sam_repro import runlog
+KILL_AT = int(os.environ["KILL_AT_EPOCH"])
+original = runlog.RunLog.write_summary
+def write_summary(self):
+    if self.summary.get("status") == "running" and self.jsonl.exists() and \\
+            len(self.jsonl.read_text().splitlines()) == KILL_AT:
+        os.kill(os.getpid(), signal.SIGKILL)
+    original(self)
+runlog.RunLog.write_summary = write_summary
+from sam_repro.cli import train_main
+sys.argv = ["sam-train", *sys.argv[1:]]
+train_main()
+"""
+
+
 def test_killed_run_resumes_to_the_same_result(tmp_path: Path) -> None:
     args = [*TINY, "epochs=5", "engine.deterministic=true", "dataset.label_noise=0.2"]
     straight = sam_train([*args, f"runs_root={tmp_path / 'a'}"], cwd=tmp_path)
     assert straight.returncode == 0, straight.stderr[-3000:]
 
     run_a = only_run_dir(tmp_path / "a")
-    exe = Path(sys.executable).parent / "sam-train"
     run_b = tmp_path / "b" / run_a.relative_to(tmp_path / "a")
-    proc = subprocess.Popen([str(exe), *args, f"runs_root={tmp_path / 'b'}"], cwd=tmp_path,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "SAM_DATA": str(tmp_path / "elsewhere")})  # data moved: still resumes
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if (run_b / "metrics.jsonl").exists() and len(read_rows(run_b)) >= 2:
-            break
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    killed = json.loads((run_b / "metrics.json").read_text())
-    assert killed["status"] == "running" and 2 <= killed["epochs_done"] < 5, "the kill must land mid-run"
+    killed = subprocess.run([sys.executable, "-c", KILLER, *args, f"runs_root={tmp_path / 'b'}"], cwd=tmp_path,
+                            capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "SAM_DATA": str(tmp_path / "elsewhere"), "KILL_AT_EPOCH": "2"})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    # killed between the two writes: the checkpoint and metrics.jsonl have epoch 2, metrics.json epoch 1
+    assert len(read_rows(run_b)) == 2
+    summary = json.loads((run_b / "metrics.json").read_text())
+    assert summary["status"] == "running" and summary["epochs_done"] == 1
+    assert torch.load(run_b / "checkpoint.pt", weights_only=False)["progress"]["epoch"] == 2
 
+    # data moved (SAM_DATA elsewhere for the killed run): resuming still finds it by fingerprint
     resumed = sam_train([*args, f"runs_root={tmp_path / 'b'}"], cwd=tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resuming" in (run_b / "train.log").read_text()
+    assert "resuming" in (run_b / "train.log").read_text() and "after epoch 2" in (run_b / "train.log").read_text()
     a, b = read_rows(run_a), read_rows(run_b)
     timing = {"epoch_s", "images_per_s"}
     assert [{k: v for k, v in r.items() if k not in timing} for r in a] == \
            [{k: v for k, v in r.items() if k not in timing} for r in b]
     sa, sb = (json.loads((d / "metrics.json").read_text()) for d in (run_a, run_b))
     assert sa["final"] == sb["final"] and sa["best"] == sb["best"] and sb["status"] == "completed"
+    assert sb["epochs_done"] == 5 == len(b)
     wa = torch.load(run_a / "checkpoint.pt", weights_only=False)["model"]
     wb = torch.load(run_b / "checkpoint.pt", weights_only=False)["model"]
     assert all(torch.equal(wa[k], wb[k]) for k in wa)

@@ -2,6 +2,8 @@
 
 torchvision's architectures are the standard ones (25.6M / 44.5M / 60.2M parameters on 1000
 classes); they are built untrained (weights=None). Only the stem changes when in_chans != 3.
+As in the official code, the last BatchNorm scale of every residual block starts at zero (each
+block starts as the identity); `zero_init_residual=False` keeps torchvision's default of one.
 """
 from __future__ import annotations
 
@@ -14,8 +16,8 @@ from .registry import register_model
 
 
 def _torchvision(builder: Callable[..., tv.ResNet], num_classes: int, in_chans: int,
-                 **kw: Any) -> tv.ResNet:
-    model = builder(weights=None, num_classes=num_classes, **kw)
+                 zero_init_residual: bool = True, **kw: Any) -> tv.ResNet:
+    model = builder(weights=None, num_classes=num_classes, zero_init_residual=zero_init_residual, **kw)
     if in_chans != 3:
         old = model.conv1
         model.conv1 = nn.Conv2d(in_chans, old.out_channels, old.kernel_size, old.stride,
