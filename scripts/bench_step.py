@@ -44,6 +44,14 @@ GPU_SUITE = [
     dict(model="resnet50", batch=128, precision="bf16", channels_last=True, compile=False, image_size=224, classes=1000),
 ]
 CPU_SUITE = [dict(model="resnet20", batch=32, precision="fp32", channels_last=False, compile=False)]
+# The per-device step (issue 8): the engine's step with device_batch 32 against one device per batch,
+# SGD and SAM, at the paper's batch 256. Targets (GPU, bf16): WRN-28-10 per-device SAM <= 1.15x the
+# one-device SAM step, ResNet-32 <= 1.5x.
+GPU_PER_DEVICE_SUITE = [
+    dict(model="wrn28_10", batch=256, device_batch=32, precision="bf16", channels_last=True),
+    dict(model="resnet32", batch=256, device_batch=32, precision="bf16", channels_last=True),
+]
+CPU_PER_DEVICE_SUITE = [dict(model="resnet20", batch=64, device_batch=16, precision="fp32", channels_last=False)]
 
 
 class LoopSAM(torch.optim.Optimizer):
@@ -190,6 +198,37 @@ def bench(spec: dict, device: torch.device, warmup: int, steps: int, rounds: int
     return out
 
 
+def bench_per_device(spec: dict, device: torch.device, warmup: int, steps: int, rounds: int) -> dict:
+    """The engine's TrainStep with `device_batch` devices against one device per batch, SGD and SAM,
+    timed side by side (interleaved rounds) on one model."""
+    torch.manual_seed(0)
+    model = create_model(spec["model"], num_classes=10).to(device)
+    if spec["channels_last"]:
+        model = model.to(memory_format=torch.channels_last)
+    model.train()
+    x = torch.randn(spec["batch"], 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (spec["batch"],), device=device)
+    dtype = {"fp32": None, "bf16": torch.bfloat16}[spec["precision"]]
+    variants: dict[str, Callable[[], None]] = {}
+    for name in ("sgd", "sam"):
+        for label, device_batch in (("one_device", None), ("per_device", spec["device_batch"])):
+            base, sam = build_optimizer(model, OptimConfig(name=name, lr=0.1, weight_decay=5e-4))
+            step = TrainStep(model, base, sam, StepConfig(grad_clip=5.0, autocast_dtype=dtype, device_batch=device_batch,
+                                                          channels_last=spec["channels_last"]))
+            variants[f"{name}_{label}"] = (lambda s: lambda: s(x, y))(step)
+    ms, peaks = time_variants(variants, device, warmup, steps, rounds)
+    return {
+        **spec, "kind": "per_device_step", "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch": torch.__version__, "ms": {k: round(v, 3) for k, v in ms.items()},
+        "images_per_s": {k: round(spec["batch"] * 1000 / v, 1) for k, v in ms.items()},
+        "per_device_over_one_device_sam": round(ms["sam_per_device"] / ms["sam_one_device"], 3),
+        "per_device_over_one_device_sgd": round(ms["sgd_per_device"] / ms["sgd_one_device"], 3),
+        "per_device_sam_over_per_device_sgd": round(ms["sam_per_device"] / ms["sgd_per_device"], 3),
+        "peak_mem_MB": {k: (round(v / 2**20, 1) if v is not None else None) for k, v in peaks.items()},
+        "timing": f"median of {rounds} rounds x {steps} steps after {warmup} warm-up steps",
+    }
+
+
 def emit(result: dict, out: Path | None, filename: str) -> None:
     """Print one JSON line; with --out, also append it to OUT/filename."""
     line = json.dumps(result)
@@ -220,6 +259,8 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=None)
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--out", type=Path, help="also append the JSON lines to OUT/bench_step.jsonl")
+    parser.add_argument("--per-device", action="store_true", help="only the per-device step rows (issue 8)")
+    parser.add_argument("--no-per-device", action="store_true", help="skip the per-device step rows")
     args = parser.parse_args()
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -232,8 +273,13 @@ def main() -> int:
     steps = args.steps or (20 if cuda else 3)
     rounds = args.rounds or (7 if cuda else 3)
     sha = git_sha()
-    for spec in suite:
-        emit({**bench(spec, device, warmup, steps, rounds), "git_sha": sha}, args.out, "bench_step.jsonl")
+    if not args.per_device:
+        for spec in suite:
+            emit({**bench(spec, device, warmup, steps, rounds), "git_sha": sha}, args.out, "bench_step.jsonl")
+    if not args.no_per_device and not args.model:
+        per_device = GPU_PER_DEVICE_SUITE if suite is GPU_SUITE else CPU_PER_DEVICE_SUITE
+        for spec in per_device:
+            emit({**bench_per_device(spec, device, warmup, steps, rounds), "git_sha": sha}, args.out, "bench_step.jsonl")
     return 0
 
 

@@ -133,3 +133,36 @@ def test_shakedrop_redraws_its_mask_in_the_perturbed_pass_unless_told_to_replay(
         keep = (mask_u < 0.5).float()
         torch.testing.assert_close(out, keep + alpha - keep * alpha)
     assert torch.equal(first, second) == replay_mask
+
+
+def test_per_device_step_under_bf16_autocast_and_channels_last_tracks_fp32() -> None:
+    """The GPU default (bf16 autocast, channels_last) on the per-device path: vmap neither casts a
+    convolution's batched weights nor lets BatchNorm mix bf16 input with fp32 statistics, so the step
+    does both itself. Two steps stay as close to fp32 as the one-device path's bf16 does."""
+    from sam_repro.config import OptimConfig
+    from sam_repro.engine.step import StepConfig, TrainStep
+    from sam_repro.optim.factory import build_optimizer
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(16, 3, 8, 8, generator=g), torch.randint(0, 10, (16,), generator=g)
+
+    def trained(device_batch: int | None, bf16: bool) -> nn.Module:
+        torch.manual_seed(0)
+        model = create_model("resnet20", num_classes=10)
+        if bf16:
+            model = model.to(memory_format=torch.channels_last)
+        opt, sam = build_optimizer(model, OptimConfig(name="sam", lr=0.1))
+        step = TrainStep(model, opt, sam, StepConfig(device_batch=device_batch, autocast_dtype=torch.bfloat16 if bf16 else None,
+                                                     channels_last=bf16))
+        model.train()
+        for _ in range(2):
+            step(x, y)
+        return model
+
+    def gap(a: nn.Module, b: nn.Module) -> float:
+        return max(float((u.float() - v.float()).abs().max()) for u, v in zip(a.state_dict().values(), b.state_dict().values()))
+
+    per_device = gap(trained(8, True), trained(8, False))
+    one_device = gap(trained(None, True), trained(None, False))
+    assert 0 < per_device < 3 * one_device
+    assert gap(trained(8, False), trained(None, False)) > per_device  # the setting matters more than bf16

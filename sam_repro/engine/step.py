@@ -138,6 +138,8 @@ class TrainStep:
         self._param_names = [names[id(p)] for p in self.params]
         self._l2 = [g.get("l2", 0.0) for g in optimizer.param_groups for _ in g["params"]]
         self._bn_buffers = dict((n, b) for n, b in self.module.named_buffers() if n in set(batchnorm_buffer_names(self.module)))
+        self._norm_params = {f"{prefix}.{n}" if prefix else n for prefix, m in self.module.named_modules()
+                             if isinstance(m, nn.modules.batchnorm._NormBase) for n, _ in m.named_parameters(recurse=False)}
 
     # -- pieces ---------------------------------------------------------------------------------
     def _set_true_gradient(self, enabled: bool) -> None:
@@ -244,8 +246,31 @@ class TrainStep:
     def _group_logits(self, weights: dict[str, Tensor], x: Tensor) -> Tensor:
         """The module's logits for one group's examples, with `weights` (parameters and/or BatchNorm
         buffers) in place of the module's own; vmapped over the groups."""
-        with self._autocast():
+        with self._autocast(), self._batchnorm_in_float():
             return functional_call(self.module, weights, (x,))
+
+    @contextlib.contextmanager
+    def _batchnorm_in_float(self) -> Iterator[None]:
+        """Under autocast, BatchNorm reads its input in its statistics' dtype (fp32) and hands back
+        the autocast dtype: vmap's batch-norm rule, unlike the plain kernel, refuses a bf16 input with
+        fp32 running statistics. A no-op without autocast."""
+        if self.cfg.autocast_dtype is None or not self._batchnorms:
+            yield
+            return
+        low = self.cfg.autocast_dtype
+
+        def to_float(module: nn.Module, args: tuple) -> tuple:
+            return tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+
+        def back(module: nn.Module, args: tuple, out: Tensor) -> Tensor:
+            return out.to(low)
+
+        handles = [h for m in self._batchnorms for h in (m.register_forward_pre_hook(to_float), m.register_forward_hook(back))]
+        try:
+            yield
+        finally:
+            for h in handles:
+                h.remove()
 
     def _per_group_gradients(self, buffers: dict[str, Tensor], xg: Tensor, yg: Tensor) -> tuple[list[Tensor], Tensor, Tensor]:
         """Each group's gradient at w (k, *shape per parameter; vmap of grad, the weights shared, so
@@ -309,13 +334,18 @@ class TrainStep:
         # 2. e_g for every group from its own gradient, then the k perturbed weight sets
         e = self.sam.grouped_perturbation(self.params, grads)
         perturbed = {n: p.unsqueeze(0) + e_p for n, p, e_p in zip(self._param_names, self.params, e)}
+        if self.cfg.autocast_dtype is not None:
+            # what autocast does to a convolution's input and weights on the plain path, done here:
+            # under vmap with batched weights autocast casts neither (BatchNorm's stay fp32, see below)
+            low = self.cfg.autocast_dtype
+            perturbed = {n: (w.to(low) if n not in self._norm_params else w) for n, w in perturbed.items()}
+            xg = xg.to(low)
         self.draws.replay()
         self._set_perturbed_pass(True)
         try:
-            if self.cfg.bn_stats == "first_pass":  # the perturbed pass leaves the statistics alone
-                with running_stats_frozen(self._batchnorms):
-                    logits = vmap(self._group_logits, in_dims=(0, 0), randomness="different")(perturbed, xg)
-            else:
+            # the groups' statistics go in either way (BatchNorm in eval mode, when finetuning, reads them)
+            frozen = running_stats_frozen(self._batchnorms) if self.cfg.bn_stats == "first_pass" else contextlib.nullcontext()
+            with frozen:  # first_pass: the perturbed pass leaves the statistics alone
                 logits = vmap(self._group_logits, in_dims=(0, 0), randomness="different")({**perturbed, **buffers}, xg)
             loss = self._loss(logits, yg)
             self._backward(loss)  # w.grad = mean over groups of the gradient at w + e_g
