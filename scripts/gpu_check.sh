@@ -15,7 +15,7 @@ python3 -m pytest -q -p no:cacheprovider tests/test_sam.py tests/test_loaders.py
   -k "cuda or synchron" 2>&1 | tail -5 | tee "$OUT/gpu_tests.txt"
 
 # 2. Step and end-to-end benchmarks (issue 2 and 3 targets), side by side in one process each.
-timeout 240 python3 scripts/bench_step.py --device cuda --suite gpu --out "$OUT"
+timeout 420 python3 scripts/bench_step.py --device cuda --suite gpu --out "$OUT"   # + per-device rows (issue 8)
 timeout 180 python3 scripts/bench_engine.py --device cuda --out "$OUT"
 
 # 3. A short real-data run per optimizer on the JPEG CIFAR-10 (a budget run: labelled as such).

@@ -306,14 +306,11 @@ class TrainStep:
         buffers = self._stacked_buffers(k)
         self.draws.capture()
         if self.sam is None:
-            # the mean of the devices' gradients, summed in the order k real devices would (each
-            # device's sum, then the mean over devices), so it equals a DDP run to float rounding
-            grads, loss, logits = self._per_group_gradients(buffers, xg, yg)
-            with torch.no_grad():
-                for p, g in zip(self.params, grads):
-                    if p.grad is None:
-                        p.grad = torch.zeros_like(p)
-                    p.grad.copy_(g.mean(0))  # kept storage: the base optimizer's kernels see the same buffers
+            # one forward with shared weights (vmap folds the devices into each convolution's batch,
+            # BatchNorm sees each device alone) and one backward: the mean of the devices' gradients
+            logits = vmap(self._group_logits, in_dims=(0, 0), randomness="different")(buffers, xg)
+            loss = self._loss(logits, yg)
+            self._backward(loss)
             self._add_l2_gradient()
         else:
             loss, logits = self._grouped_sam(xg, yg, buffers)

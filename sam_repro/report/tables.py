@@ -303,8 +303,7 @@ def _cell_stats(group: pd.DataFrame, metric: str, allow_best_of: bool,
     # Name the epochs when the shown SGD runs used the 2x budget, so the cell says what it is.
     shown = chosen[1].get("epochs")
     extra = f", {shown} ep" if paper_epochs is not None and shown != paper_epochs else ""
-    if chosen[1].get("m") is not None:
-        extra += f", m={chosen[1]['m']}"
+    # m is not named: every run logs it, and the cells whose paper states it (32) only take that m
     notes = []
     for key, setting, s in groups:
         if key == chosen[0]:
