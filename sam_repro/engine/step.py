@@ -48,6 +48,10 @@ class StepStats:
     loss_sum: Tensor
     correct: Tensor
     count: int
+    # SAM only (None for SGD), means over the step's perturbation chunks: the norm of the gradient at w
+    # (unscaled, L2 term included) and the perturbation norm ||e||, both from SAM.first_step
+    grad_norm: Optional[Tensor] = None
+    perturbation_norm: Optional[Tensor] = None
 
 
 def batchnorm_layers(model: nn.Module) -> list[nn.Module]:
@@ -159,6 +163,7 @@ class TrainStep:
         chunks = self._chunks(x, y)
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), device=self.device, dtype=torch.long)
+        grad_norm = e_norm = None
         for index, (xc, yc) in enumerate(chunks):
             self.draws.capture()
             first_context = self.first_pass_context() if self.sam is not None else contextlib.nullcontext()
@@ -170,6 +175,11 @@ class TrainStep:
             if self.sam is not None:
                 self._set_true_gradient(False)
                 self.sam.first_step(zero_grad=True)
+                if self.sam.last_grad_norm is not None:
+                    g, e = self.sam.last_grad_norm, self.sam.last_perturbation_norm
+                    if self.scaler is not None:  # the gradients carry the loss scale (e does not)
+                        g = g / self.scaler._scale.to(g.device)
+                    grad_norm, e_norm = (g, e) if grad_norm is None else (grad_norm + g, e_norm + e)
                 self.draws.replay()
                 # The L2 gradient at w + e goes in BEFORE the backward, which accumulates onto it: under
                 # DDP the all-reduce then averages it with the loss gradient (each replica has its own e);
@@ -186,7 +196,10 @@ class TrainStep:
         if len(chunks) > 1:
             self._use_accumulated(len(chunks))
         self._apply()
-        return StepStats(loss_sum=loss_sum, correct=correct, count=int(y.shape[0]))
+        if grad_norm is not None and len(chunks) > 1:
+            grad_norm, e_norm = grad_norm / len(chunks), e_norm / len(chunks)
+        return StepStats(loss_sum=loss_sum, correct=correct, count=int(y.shape[0]),
+                         grad_norm=grad_norm, perturbation_norm=e_norm)
 
     def _apply(self) -> None:
         if self.scaler is not None:
