@@ -36,6 +36,9 @@ STATE_FILE = "trackers.json"
 class Tracker:
     """One tracker's view of one run directory. Subclasses implement the four calls."""
 
+    # log the hyperparameters at every (re)start, not once: for a tracker that may lose a killed session
+    hparams_every_start = False
+
     def __init__(self, settings: DictConfig, cfg: DictConfig, run_dir: Path) -> None:
         self.settings, self.cfg, self.run_dir = settings, cfg, Path(run_dir)
 
@@ -165,7 +168,7 @@ class Trackers:
                 logged = held
             state["logged_epoch"] = logged
             self.state[name] = state
-            if not state.get("hparams_logged"):
+            if not state.get("hparams_logged") or tracker.hparams_every_start:
                 if self._guard(name, "log_hparams", tracker.log_hparams, flat_hparams(self.cfg)) is None and name not in self.active:
                     continue
                 state["hparams_logged"] = True
