@@ -77,17 +77,19 @@ class SweepSummary(Callback):
         if self.manifest is None:
             return
         records = sorted((json.loads(p.read_text()) for p in self.manifest.glob("*.json")), key=lambda r: r["num"])
+        # name each job by the overrides that tell it apart from the others (all of them for a lone job)
+        common = set.intersection(*(set(r["overrides"]) for r in records)) if len(records) > 1 else set()
         bad = []
         for record in records:
             status, why = job_status(record)
-            label = ",".join(record["overrides"]) or "(no overrides)"
-            print(f"sam-train: sweep job {record['num']} {status}: {label} -> {record['run_dir']}"
-                  + (f" ({why})" if status != "completed" and why else ""))
+            record["label"] = ",".join(o for o in record["overrides"] if o not in common) or "(no overrides)"
+            print(f"sam-train: sweep job {record['num']} {status}: {record['label']}"
+                  + (f" ({why})" if status != "completed" and why else "") + f" -> {record['run_dir']}")
             if status != "completed":
                 bad.append((record, status))
         print(f"sam-train: sweep: {len(records) - len(bad)} of {len(records)} jobs completed")
         if bad:
-            names = "; ".join(f"job {r['num']} {status} ({','.join(r['overrides'])})" for r, status in bad)
-            print(f"sam-train: error: sweep: {len(bad)} job(s) did not complete: {names}", file=sys.stderr)
+            names = "; ".join(f"job {r['num']} {r['label']} {status}" for r, status in bad)
+            print(f"sam-train: error: sweep: {len(bad)} of {len(records)} jobs did not complete: {names}", file=sys.stderr)
             exit_code = EXIT_BAD_INPUT if all(status == "invalid" for _, status in bad) else 1
         sys.stdout.flush()
