@@ -35,3 +35,5 @@ def test_a_sweep_with_a_diverging_job_exits_nonzero_and_names_it(tmp_path: Path)
     assert "sam-train: error: sweep: 1 of 2 jobs did not complete: job 1 optim.lr=1e+30 diverged" in result.stderr
     run_dir = Path(lines[1].rsplit(" -> ", 1)[1])
     assert json.loads((run_dir / "metrics.json").read_text())["status"] == "diverged"
+    sgd_rows = (Path(lines[0].rsplit(" -> ", 1)[1]) / "metrics.jsonl").read_text().splitlines()
+    assert sgd_rows and all("grad_norm" not in json.loads(r) for r in sgd_rows)  # SAM's norms only for SAM
