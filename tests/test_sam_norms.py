@@ -70,3 +70,23 @@ def test_train_step_reports_the_norms_for_sam_and_none_for_sgd() -> None:
     stats = TrainStep(net, sam.base_optimizer, sam, StepConfig(m=4))(x, y)
     assert len(seen) == 2 and seen[0] != seen[1]
     torch.testing.assert_close(stats.grad_norm, (seen[0] + seen[1]) / 2)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: checks the kept norms add no host sync")
+@pytest.mark.parametrize("p, adaptive", [(2, False), (2, True), (math.inf, False)])
+def test_keeping_the_norms_adds_no_host_synchronization(p: float, adaptive: bool) -> None:
+    net = make_net().float().cuda()
+    opt = SAM(net.parameters(), torch.optim.SGD, rho=0.05, p=p, adaptive=adaptive, lr=0.1)
+    x, y = (t.cuda() for t in data())
+    for _ in range(2):  # the first step allocates the buffers
+        nn.functional.cross_entropy(net(x.float()), y).backward()
+        if _ == 1:
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            opt.first_step(zero_grad=True)
+            total = opt.last_grad_norm + opt.last_perturbation_norm  # what the loop sums, on the device
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        nn.functional.cross_entropy(net(x.float()), y).backward()
+        opt.second_step(zero_grad=True)
+    assert total.is_cuda
