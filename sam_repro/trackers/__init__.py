@@ -156,14 +156,22 @@ class Trackers:
     def start(self, history: list[dict[str, Any]]) -> None:
         """Open or continue every tracker's run, then catch it up on the rows it has not logged."""
         saved = self._read_state()
+        self.state = {name: dict(state) for name, state in saved.items()}  # kept for trackers not chosen this time
         for name, tracker in list(self.active.items()):
             state = dict(saved.get(name, {}))
             logged = int(state.get("logged_epoch", 0))
+            if state.get("status") == "completed" and logged >= (history[-1]["epoch"] if history else 0):
+                self.active.pop(name)  # re-running a completed command: that tracker run is complete too
+                self.state[name] = state
+                continue
             opened = self._guard(name, "start", tracker.start, state, logged + 1)
             if opened is None:
                 continue
             state.update(opened)
-            held = tracker.last_logged()
+            state.pop("status", None)
+            held = self._guard(name, "last_logged", tracker.last_logged)
+            if name not in self.active:
+                continue
             if held is not None:  # the tracker's own record wins (a kill between its write and ours)
                 logged = held
             state["logged_epoch"] = logged
@@ -192,5 +200,6 @@ class Trackers:
     def finish(self, status: str, summary: dict[str, Any]) -> None:
         for name, tracker in list(self.active.items()):
             self._guard(name, "finish", tracker.finish, status, summary)
+            self.state[name]["status"] = status
         self.active = {}
         self._save()
