@@ -9,6 +9,8 @@
     sam-train -m hydra/launcher=slurm experiment=... seed=0,1,2     # a sweep on SLURM (docs/cluster.md)
 
 Exit status: 0 done (or already completed), 1 diverged or failed, 2 bad input (config or data).
+A sweep (-m) ends with one line per job status; it exits 1 when any job diverged or failed (2 when
+every such job had bad input), naming them.
 """
 from __future__ import annotations
 
@@ -71,6 +73,10 @@ def train_main() -> None:
         sys.argv += ["hydra.output_subdir=null", "hydra/job_logging=stdout"]
     app = hydra.main(version_base="1.3", config_path=str(config_dir()), config_name="train")(_train_task)
     app()
+    from sam_repro import sweep
+
+    if sweep.exit_code:  # a sweep with a diverged, failed or invalid job (sam_repro.sweep prints which)
+        sys.exit(sweep.exit_code)
 
 
 def report_main() -> None:

@@ -124,6 +124,37 @@ class EngineConfig:
 
 
 @dataclass
+class TensorBoardConfig:
+    dir: str = "tensorboard"  # event files, below the run directory (`tensorboard --logdir runs/` shows a sweep)
+
+
+@dataclass
+class WandbConfig:
+    project: str = "sam-repro"
+    entity: Optional[str] = None  # null: the account's default entity
+    group: Optional[str] = None  # null: the experiment name (`name`), so a sweep's runs group together
+    tags: List[str] = field(default_factory=list)
+    mode: Optional[str] = None  # online | offline (no network; `wandb sync` uploads later) | disabled; null: WANDB_MODE, else online
+
+
+@dataclass
+class MlflowConfig:
+    tracking_uri: Optional[str] = None  # null: a local file store at <runs_root>/mlruns (`mlflow ui --backend-store-uri ...`)
+    experiment: Optional[str] = None  # null: the experiment name (`name`)
+
+
+@dataclass
+class LoggerConfig:
+    """Trackers the run also reports to (sam_repro.trackers): a node is null unless its option is
+    chosen (`logger=tensorboard`, `logger=[tensorboard,wandb,mlflow]`); the run directory stays
+    the source of truth, the trackers are views of it."""
+
+    tensorboard: Optional[TensorBoardConfig] = None
+    wandb: Optional[WandbConfig] = None
+    mlflow: Optional[MlflowConfig] = None
+
+
+@dataclass
 class TrainConfig:
     dataset: DatasetConfig = field(default_factory=DatasetConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -131,6 +162,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     sched: SchedConfig = field(default_factory=SchedConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
     name: str = "default"  # experiment name: the run directory's parent and metrics.json `experiment`
     seed: int = 0
     epochs: int = 200

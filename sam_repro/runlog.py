@@ -14,13 +14,16 @@ import platform
 import socket
 import subprocess
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from sam_repro.engine.checkpoint import atomic_write, write_json
 from sam_repro.optim.factory import METHODS
+
+if TYPE_CHECKING:
+    from sam_repro.trackers import Trackers
 
 SCHEMA_VERSION = 1
 STATUSES = ("running", "completed", "diverged", "failed")
@@ -137,8 +140,10 @@ def summary_block(row: dict[str, Any], epoch_key: bool = False) -> dict[str, Any
 class RunLog:
     """Writes the files of one run directory. Only rank 0 of a distributed run owns one."""
 
-    def __init__(self, run_dir: Path, experiment: str, config: dict[str, Any], env: dict[str, Any], data: dict[str, Any]) -> None:
+    def __init__(self, run_dir: Path, experiment: str, config: dict[str, Any], env: dict[str, Any], data: dict[str, Any],
+                 trackers: Optional["Trackers"] = None) -> None:
         self.run_dir = Path(run_dir)
+        self.trackers = trackers  # TensorBoard/W&B/MLflow views of this run directory (sam_repro.trackers)
         self.summary: dict[str, Any] = {
             "schema": SCHEMA_VERSION,
             "status": "running",
@@ -170,12 +175,16 @@ class RunLog:
         if started_at:
             self.summary["started_at"] = started_at
         self._update_from_history(history, wall_s)
+        if self.trackers:
+            self.trackers.start(history)
 
     def log_epoch(self, row: dict[str, Any], history: list[dict[str, Any]], wall_s: float) -> None:
         with open(self.jsonl, "a") as f:
             f.write(json.dumps(row) + "\n")
         self._update_from_history(history, wall_s)
         self.write_summary()
+        if self.trackers:
+            self.trackers.log_row(row)
 
     def _update_from_history(self, history: list[dict[str, Any]], wall_s: float) -> None:
         if not history:
@@ -194,6 +203,8 @@ class RunLog:
         self.summary["status"] = status
         self.summary["error"] = error
         self.write_summary()
+        if self.trackers:
+            self.trackers.finish(status, self.summary)
 
     def write_summary(self) -> None:
         self.summary["updated_at"] = now_iso()

@@ -22,8 +22,10 @@ from sam_repro.models import is_model, list_models
 from sam_repro.models.finetune import BOTH_WAYS
 from sam_repro.models.registry import timm_name
 from sam_repro.optim.factory import ASAM_SCALES, BASE_OPTIMIZERS, METHODS, WD_MODES
+from sam_repro.trackers import not_installed
 
 RESUME_MODES = ("auto", "never", "must")
+WANDB_MODES = (None, "online", "offline", "disabled")
 
 
 class ConfigError(ValueError):
@@ -142,6 +144,11 @@ def validate(cfg: DictConfig) -> None:
     need(e.eval_every_steps is None or e.eval_every_steps >= 1, "engine.eval_every_steps", e.eval_every_steps,
          "must be >= 1, or null (use engine.eval_every epochs)")
     need(e.num_workers >= 0, "engine.num_workers", e.num_workers, "must be >= 0")
+
+    for name, spec in not_installed(cfg):  # before any data is read: a missing extra is bad input
+        need(False, "logger", name, f"the {spec.package} package is not installed: pip install 'sam-repro[{spec.extra}]'")
+    if cfg.logger.wandb is not None:
+        one_of("logger.wandb.mode", cfg.logger.wandb.mode, WANDB_MODES)
     if problems:
         raise ConfigError(problems)
 

@@ -203,6 +203,8 @@ def test_sweep_writes_one_directory_per_configuration(tmp_path: Path, launcher: 
     assert "optim=sgd" in found["sgd"] and "optim=sam" in found["sam"]
     for p in (tmp_path / "smoke").glob("*/metrics.json"):
         assert json.loads(p.read_text())["status"] == "completed"
+    # every job reports back, wherever the launcher ran it (joblib: worker processes)
+    assert "sam-train: sweep: 2 of 2 jobs completed" in result.stdout, result.stdout[-2000:]
 
 
 def test_help_and_cfg_job(tmp_path: Path) -> None:

@@ -26,10 +26,11 @@ from sam_repro.engine import distributed
 from sam_repro.engine.checkpoint import load_checkpoint, save_checkpoint
 from sam_repro.engine.runtime import Runtime, resolve_runtime, seed_everything, set_determinism
 from sam_repro.engine.schedule import LrSetter
-from sam_repro.engine.step import StepConfig, TrainStep
+from sam_repro.engine.step import StepConfig, StepStats, TrainStep
 from sam_repro.models import create_model_from_config, pretrained_input
 from sam_repro.optim.factory import build_optimizer
 from sam_repro.runlog import RunLog, environment, flat_config
+from sam_repro.trackers import Trackers
 
 log = logging.getLogger("sam_repro")
 
@@ -39,7 +40,7 @@ EXIT_OK, EXIT_DIVERGED, EXIT_FAILED = 0, 1, 1
 # are (the data fingerprint guards the data itself), and how progress is shown.
 RESUME_FREE_KEYS = ("resume", "runs_root", "data_root", "dataset.root", "dataset.cache_dir", "dataset.download",
                     "dataset.decode_workers", "model.checkpoint", "engine.progress", "engine.num_workers",
-                    "engine.eval_batch_size")
+                    "engine.eval_batch_size", "logger")
 
 
 class Diverged(Exception):
@@ -68,6 +69,21 @@ class Period:
         self.loss_sum = torch.zeros((), device=device, dtype=torch.float64)
         self.correct = torch.zeros((), device=device, dtype=torch.long)
         self.seen, self.steps, self.epochs, self.train_s, self.lr = 0, 0, 0, 0.0, 0.0
+        # SAM: sums of the per-step gradient norm at w and perturbation norm ||e|| (steps that had them)
+        self.grad_norm_sum = torch.zeros((), device=device, dtype=torch.float64)
+        self.e_norm_sum = torch.zeros((), device=device, dtype=torch.float64)
+        self.norm_steps = 0
+
+    def add(self, stats: StepStats) -> None:
+        """One step's sums, on the device (no host sync)."""
+        self.loss_sum += stats.loss_sum
+        self.correct += stats.correct
+        self.seen += stats.count
+        self.steps += 1
+        if stats.grad_norm is not None:
+            self.grad_norm_sum += stats.grad_norm
+            self.e_norm_sum += stats.perturbation_norm
+            self.norm_steps += 1
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -181,7 +197,7 @@ class Trainer:
         )
         self.top5 = self.bundle.num_classes > 10
         self.runlog = RunLog(self.run_dir, cfg.name, flat_config(cfg, rt.precision, rt.world_size), environment(rt.device),
-                             self.bundle.info) if rt.is_main else None
+                             self.bundle.info, trackers=Trackers(cfg, self.run_dir)) if rt.is_main else None
 
     def _compiled(self, model: nn.Module) -> nn.Module:
         engine = self.cfg.engine
@@ -280,12 +296,8 @@ class Trainer:
             if index >= steps_left:
                 break
             period.lr = self.lr(progress.step)
-            stats = self.step(x.to(rt.dtype) if x.is_floating_point() else x, y)
-            period.loss_sum += stats.loss_sum
-            period.correct += stats.correct
-            period.seen += stats.count
+            period.add(self.step(x.to(rt.dtype) if x.is_floating_point() else x, y))
             progress.step += 1
-            period.steps += 1
             if (index + 1) % LOG_EVERY == 0:
                 self._check_finite(period.loss_sum, epoch, progress.step)
                 bar.set_postfix(loss=f"{float(period.loss_sum) / period.seen:.3f}",
@@ -304,12 +316,16 @@ class Trainer:
         if rt.distributed:  # per-replica BatchNorm: evaluate and checkpoint the ranks' mean statistics
             distributed.average_batchnorm_stats(self.model)
         totals = torch.stack([period.loss_sum, period.correct.double(),
-                              torch.tensor(float(period.seen), device=rt.device, dtype=torch.float64)])
+                              torch.tensor(float(period.seen), device=rt.device, dtype=torch.float64),
+                              period.grad_norm_sum, period.e_norm_sum])
         if rt.distributed:
             torch.distributed.all_reduce(totals)
-        loss_total, correct_total, seen_total = totals.tolist()
+        loss_total, correct_total, seen_total, grad_norm_total, e_norm_total = totals.tolist()  # the interval's one sync
         row: dict[str, Any] = {"epoch": epoch, "lr": period.lr, "train_loss": loss_total / seen_total,
                                "train_err": 100.0 - 100.0 * correct_total / seen_total}
+        if period.norm_steps:  # SAM: means over the interval's steps (and replicas)
+            norm_count = period.norm_steps * rt.world_size
+            row.update(grad_norm=grad_norm_total / norm_count, perturbation_norm=e_norm_total / norm_count)
         if self.val_loader is not None:
             val = evaluate(self.forward_model, self.val_loader, rt, self.top5)
             row.update(val_loss=val["loss"], val_err=val["err"])

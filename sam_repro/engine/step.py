@@ -67,6 +67,10 @@ class StepStats:
     loss_sum: Tensor
     correct: Tensor
     count: int
+    # SAM only (None for SGD), means over the step's perturbation chunks: the norm of the gradient at w
+    # (unscaled, L2 term included) and the perturbation norm ||e||, both from SAM.first_step
+    grad_norm: Optional[Tensor] = None
+    perturbation_norm: Optional[Tensor] = None
 
 
 def batchnorm_layers(model: nn.Module) -> list[nn.Module]:
@@ -212,7 +216,14 @@ class TrainStep:
         self._apply()
         loss_sum = loss * y.shape[0]
         correct = (logits.reshape(-1, logits.shape[-1]).argmax(dim=1) == y).sum()
-        return StepStats(loss_sum=loss_sum, correct=correct, count=int(y.shape[0]))
+        grad_norm = e_norm = None
+        if self.sam is not None and self.sam.last_grad_norm is not None:
+            # set by first_step (one device) or grouped_perturbation (means over the devices)
+            grad_norm, e_norm = self.sam.last_grad_norm, self.sam.last_perturbation_norm
+            if self.scaler is not None:  # the gradients carry the loss scale (e does not)
+                grad_norm = grad_norm / self.scaler._scale.to(grad_norm.device)
+        return StepStats(loss_sum=loss_sum, correct=correct, count=int(y.shape[0]),
+                         grad_norm=grad_norm, perturbation_norm=e_norm)
 
     def _one_group(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """The batch is one device: plain autograd, SAM through first_step/unperturb."""

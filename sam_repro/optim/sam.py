@@ -47,6 +47,24 @@ import torch
 from torch import Tensor
 
 
+def _norms(tensors: list[Tensor]) -> list[Tensor]:
+    """Per-tensor 2-norms of one bucket (one dtype, one device), accumulated in float32 or wider."""
+    return list(torch._foreach_norm(tensors, 2, dtype=torch.promote_types(tensors[0].dtype, torch.float32)))
+
+
+def _combine(norms: list[Tensor]) -> Tensor:
+    """The 2-norm of the concatenation, from the parts' norms (on the first part's device)."""
+    anchor = norms[0].device
+    return torch.linalg.vector_norm(torch.stack([n.to(anchor, torch.float32) for n in norms]), 2)
+
+
+def _group_norms(grads: list[Tensor], k: int) -> Tensor:
+    """(k,): the 2-norm of each group's slice over every tensor (each tensor is (k, *shape))."""
+    rows = [row for grad in grads for row in grad.unbind(0)]
+    acc = torch.promote_types(grads[0].dtype, torch.float32)
+    return torch.stack(torch._foreach_norm(rows, 2, dtype=acc)).view(len(grads), k).square().sum(dim=0).sqrt()
+
+
 class SAM(torch.optim.Optimizer):
     """Wraps a base optimizer (SGD, AdamW, ...) with the two-pass SAM update."""
 
@@ -76,6 +94,10 @@ class SAM(torch.optim.Optimizer):
         self.param_groups = self.base_optimizer.param_groups
         self.defaults.update(self.base_optimizer.defaults)
         self._perturbed: list[tuple[list[Tensor], list[Tensor]]] = []  # (params, saved w) per bucket
+        # Set by each first_step, on the device (reading them is the caller's host sync, not ours):
+        # the 2-norm of the gradient at w (all parameters with a gradient) and of the perturbation e.
+        self.last_grad_norm: Optional[Tensor] = None
+        self.last_perturbation_norm: Optional[Tensor] = None
 
     # -- the two halves of the step -------------------------------------------------------------
     @torch.no_grad()
@@ -90,6 +112,9 @@ class SAM(torch.optim.Optimizer):
             return
         adaptive = self.param_groups[0]["adaptive"]
         p_norm = self.param_groups[0]["p"]
+        plain = p_norm == 2 and not adaptive  # then ||g|| is the global norm below, and ||e|| follows from it
+        if not plain:  # read before the gradient buffers turn into e
+            self.last_grad_norm = _combine([n for b in buckets.values() for n in _norms(b["grads"])])
         # Scratch holds the perturbation while it is built: the gradient buffers themselves when
         # the caller discards them anyway (zero_grad=True), else a copy.
         scratch = {key: (b["grads"] if zero_grad else torch._foreach_mul(b["grads"], 1.0)) for key, b in buckets.items()}
@@ -110,6 +135,13 @@ class SAM(torch.optim.Optimizer):
             anchor, acc_dtype = next(iter(buckets))[1], max(acc.values(), key=lambda d: d.itemsize)
             flat = [n.to(anchor, acc_dtype, non_blocking=True) for group in norms for n in group]
             global_norm = torch.linalg.vector_norm(torch.stack(flat), 2)
+            if plain:  # e_b = rho_b * g_b / (||g|| + eps): its norm from the bucket norms, no extra pass
+                self.last_grad_norm = global_norm
+                squares = [(b["rho"] / (global_norm + b["eps"])) ** 2
+                           * torch.stack([n.to(anchor, acc_dtype) for n in group]).square().sum()
+                           for b, group in zip(buckets.values(), norms)]
+                self.last_perturbation_norm = torch.stack(squares).sum().sqrt()
+        e_norms: list[Tensor] = []
 
         for key, b in buckets.items():
             s = scratch[key]
@@ -123,8 +155,12 @@ class SAM(torch.optim.Optimizer):
                 torch._foreach_sign_(s)
                 torch._foreach_mul_(s, b["rho"])
             torch._foreach_add_(b["params"], s)
+            if not plain:  # ||e|| before s (the gradient storage) is zeroed: one foreach norm
+                e_norms += _norms(s)
             if zero_grad:
                 torch._foreach_zero_(s)  # s is the gradient storage: ready for the second backward
+        if not plain:
+            self.last_perturbation_norm = _combine(e_norms)
         self._perturbed = [(b["params"], b["saved"]) for b in buckets.values()]
 
     @torch.no_grad()
@@ -170,9 +206,12 @@ class SAM(torch.optim.Optimizer):
         k = grads[0].shape[0]
         settings = self._settings_of(params)
         adaptive, p_norm = self.param_groups[0]["adaptive"], self.param_groups[0]["p"]
+        # the logged norms (last_grad_norm, last_perturbation_norm): means over the k groups
+        self.last_grad_norm = _group_norms(grads, k).mean()
         if p_norm != 2:  # p = inf: e = rho * sign(g), per element
             for grad, g in zip(grads, settings):
                 grad.sign_().mul_(g["rho"])
+            self.last_perturbation_norm = _group_norms(grads, k).mean()
             return grads
         # T = |w| + eta for scaled ASAM parameters (None: T = 1); broadcast over the k groups
         t = [(w.abs() + g["eta"]) if adaptive and g.get("adaptive_scale", True) else None for w, g in zip(params, settings)]
@@ -190,6 +229,7 @@ class SAM(torch.optim.Optimizer):
             grad.mul_(scale)
             if ti is not None:
                 grad.mul_(ti)  # rho * T^2 g / ||T g||
+        self.last_perturbation_norm = _group_norms(grads, k).mean()
         return grads
 
     def _settings_of(self, params: list[Tensor]) -> list[dict[str, Any]]:
