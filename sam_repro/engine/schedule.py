@@ -28,8 +28,8 @@ def register_schedule(name: str) -> Callable:
 def _with_warmup(cfg: SchedConfig, decay: Schedule) -> Schedule:
     def factor(step: int, total: int, per_epoch: int) -> float:
         warmup = cfg.warmup_epochs * per_epoch
-        if step < warmup:
-            return (step + 1) / warmup
+        if step < warmup:  # capped: a fractional warm-up (0.5 epochs = 3.5 steps) must not overshoot lr
+            return min(1.0, (step + 1) / warmup)
         return decay(step, total, per_epoch)
 
     return factor
