@@ -106,3 +106,23 @@ def test_every_group_keeps_its_own_initial_lr_and_a_resumed_setter_does_not_comp
     setter(TOTAL // 2)
     factor = (1 + math.cos(math.pi * (TOTAL // 2) / TOTAL)) / 2
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.1 * factor, 0.01 * factor], rel=1e-12)
+
+
+def test_a_decay_phase_shorter_than_two_steps_still_follows_the_formula() -> None:
+    # 3 steps, warm-up 0.75 epochs of 2 steps = 1.5 steps: the cosine spans the last 1.5 steps.
+    got = curve(SchedConfig(name="cosine", warmup_epochs=0.75), total=3, per_epoch=2)
+    want = [LR / 1.5, LR, LR * (1 + math.cos(math.pi * 0.5 / 1.5)) / 2]
+    assert got == pytest.approx(want, rel=1e-12)
+
+
+def test_a_registered_schedule_is_what_lr_setter_uses() -> None:
+    from sam_repro.engine.schedule import register_schedule
+
+    @register_schedule("test_half")
+    def half(cfg: SchedConfig):
+        return lambda step, total, per_epoch: 0.5
+
+    try:
+        assert curve(SchedConfig(name="test_half"), total=3) == [LR / 2] * 3
+    finally:
+        SCHEDULES.pop("test_half")
