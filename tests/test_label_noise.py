@@ -73,14 +73,31 @@ def test_real_labels_change_in_about_rate_times_k_minus_1_over_k_and_only_the_ch
     assert info["realized_fraction"] == changed / n
 
 
-def test_noise_depends_on_its_seed_only_not_on_the_global_torch_rng() -> None:
+@pytest.mark.parametrize("kind", ["symmetric", "asymmetric"])
+def test_noise_depends_on_its_seed_only_not_on_the_global_torch_rng(kind: str) -> None:
     labels = torch.arange(10).repeat(100)
     torch.manual_seed(0)
-    a, _ = apply_label_noise(labels, 10, 0.5, "symmetric", seed=7, dataset="cifar10")
+    a, _ = apply_label_noise(labels, 10, 0.5, kind, seed=7, dataset="cifar10")
     torch.manual_seed(123)
     torch.rand(1000)
-    b, _ = apply_label_noise(labels, 10, 0.5, "symmetric", seed=7, dataset="cifar10")
+    b, _ = apply_label_noise(labels, 10, 0.5, kind, seed=7, dataset="cifar10")
     assert torch.equal(a, b)
+    c, _ = apply_label_noise(labels, 10, 0.5, kind, seed=8, dataset="cifar10")
+    assert not torch.equal(a, c)  # and the seed does choose
+
+
+def test_a_registered_noise_kind_is_what_apply_label_noise_uses() -> None:
+    from sam_repro.data.noise import NOISE_KINDS, register_noise
+
+    @register_noise("test_all_zero")
+    def zero(labels, num_classes, rate, g, dataset):
+        return torch.zeros_like(labels)
+
+    try:
+        noisy, info = apply_label_noise(torch.arange(1, 5), 5, 0.5, "test_all_zero", seed=0, dataset="x")
+        assert noisy.tolist() == [0, 0, 0, 0] and info["realized_fraction"] == 1.0
+    finally:
+        NOISE_KINDS.pop("test_all_zero")
 
 
 def test_rate_zero_returns_the_labels_untouched() -> None:
