@@ -104,3 +104,8 @@ def test_rate_zero_returns_the_labels_untouched() -> None:
     labels = torch.arange(10)
     noisy, info = apply_label_noise(labels, 10, 0.0, "symmetric", seed=0, dataset="cifar10")
     assert torch.equal(noisy, labels) and info == {"kind": "symmetric", "rate": 0.0, "seed": 0, "realized_fraction": 0.0}
+
+
+def test_an_empty_label_set_reports_a_realized_fraction_of_zero_not_nan() -> None:
+    noisy, info = apply_label_noise(torch.zeros(0, dtype=torch.int64), 10, 0.5, "symmetric", seed=0, dataset="x")
+    assert len(noisy) == 0 and info["realized_fraction"] == 0.0  # metrics.json refuses NaN
