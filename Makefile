@@ -10,7 +10,7 @@ TABLES ?= results/tables
 BENCH_OUT ?= results/bench
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-fast table bench bench-gpu smoke clean
+.PHONY: help install test test-fast mutate table bench bench-gpu smoke clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -29,6 +29,14 @@ test: install ## install, then run the whole test suite on the CPU
 test-fast: install ## the suite without the slow end-to-end tests
 	$(PY) -m pytest -q -m "not slow"
 
+# `make mutate MUTANTS='sam_repro.engine.schedule*'` runs one module; empty = every module in
+# [tool.mutmut] of pyproject.toml. Not part of `make test` (about 30 min or more on 2 cores).
+MUTANTS ?=
+mutate: install ## mutation testing (mutmut) of the modules that decide numbers; summary to results/mutation/
+	$(PY) -c "import mutmut" 2>/dev/null || $(PY) -m pip install -q -e ".[dev,launchers,mutate]"
+	$(VENV)/bin/mutmut run $(MUTANTS)
+	$(PY) scripts/mutation_summary.py --out results/mutation --label summary
+
 table: install ## regenerate results/tables/ (markdown, CSV, plots) from the run logs in results/runs/
 	$(VENV)/bin/sam-report --runs $(RUNS) --out $(TABLES)
 
@@ -43,4 +51,4 @@ bench-gpu: ## GPU benchmarks (step and end-to-end engine); run on a GPU machine,
 	python3 scripts/bench_engine.py --device cuda --out $(BENCH_OUT)
 
 clean: ## remove the virtual environment and caches (keeps runs/ and results/)
-	rm -rf $(VENV) .pytest_cache build *.egg-info
+	rm -rf $(VENV) .pytest_cache build *.egg-info mutants

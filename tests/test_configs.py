@@ -36,13 +36,44 @@ PAPER_SETTINGS = {
 }
 
 
+def preset_values(preset: str) -> dict[str, object]:
+    """Every leaf value a preset file sets in its body (its defaults list aside), as dotted keys."""
+    body = OmegaConf.to_container(OmegaConf.load(config_dir() / "experiment" / f"{preset}.yaml"))
+    body.pop("defaults", None)
+    out: dict[str, object] = {}
+
+    def walk(node: object, prefix: str) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{prefix}{k}.")
+        else:
+            out[prefix[:-1]] = node
+
+    walk(body, "")
+    return out
+
+
 @pytest.mark.parametrize("preset", PRESETS)
-def test_every_preset_composes_and_validates(preset: str) -> None:
+def test_every_preset_composes_validates_and_keeps_its_values_under_overrides(preset: str) -> None:
+    own = preset_values(preset)
     for extra in ([], ["optim=sgd"], ["augment=cutout", "seed=3"]):
         cfg = compose_config([f"experiment={preset}", *extra])
         validate(cfg)
         assert cfg.name == preset
         OmegaConf.to_yaml(cfg, resolve=True)  # every interpolation resolves
+        # The preset's own values survive a group override (its body merges last); a command-line
+        # value (seed=3) wins over the preset's.
+        for key, value in own.items():
+            if key == "seed" and "seed=3" in extra:
+                continue
+            if isinstance(value, str) and "${" in value:  # an interpolation (linear_lr ...): resolves, checked above
+                continue
+            got = OmegaConf.select(cfg, key)
+            assert (OmegaConf.to_container(got) if OmegaConf.is_config(got) else got) == value, (key, extra)
+        if "optim=sgd" in extra:
+            assert cfg.optim.name == "sgd"
+        if "seed=3" in extra:
+            assert cfg.seed == 3 and cfg.augment.name == "cutout" and cfg.augment.cutout == (own.get("augment.cutout", 16))
 
 
 def test_paper_presets_carry_the_papers_hyperparameters() -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import torchvision.transforms.functional as TF
 from PIL import Image
 
 from sam_repro.config import AugmentConfig, DatasetConfig
@@ -119,7 +120,15 @@ def test_eval_loader_shards_and_normalizes_with_imagenet_statistics(tiny: Path) 
     shards = [torch.cat([y for _, y in make_eval_loader(b.test, b, 10, CPU, rank=r, world_size=2)]) for r in range(2)]
     assert torch.equal(torch.cat(shards), labels)
     x = torch.cat([x for x, _ in whole])
-    assert -2.5 < float(x.mean()) < 2.5 and x.std() > 0.1  # normalized, not raw 0..255
+    # Each image against a reference written here: shorter side to floor(32 / 0.875) = 36, centre
+    # 32 x 32 crop, then (x / 255 - mean) / std with the ImageNet statistics.
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    ref = []
+    for rel in b.test.paths:
+        with Image.open(Path(b.test.root) / rel.decode()) as im:
+            im = TF.center_crop(TF.resize(im.convert("RGB"), 36, interpolation=TF.InterpolationMode.BILINEAR), 32)
+        ref.append(TF.normalize(TF.pil_to_tensor(im).double() / 255, mean, std))
+    torch.testing.assert_close(x.double(), torch.stack(ref), rtol=0, atol=1e-5)
 
 
 def test_torchvision_source_wants_the_whole_of_imagenet(tiny: Path) -> None:

@@ -28,12 +28,20 @@ def meta_model(name: str, num_classes: int, **kw) -> nn.Module:
 def test_forward_backward_gives_finite_grad_on_every_parameter(name):
     torch.manual_seed(0)
     model = create_model(name, num_classes=NUM_CLASSES).train()
+    heads = [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features == NUM_CLASSES]
+    assert len(heads) == 1, f"{name}: one classifier with num_classes outputs"
+    seen: list[torch.Tensor] = []
+    heads[0].register_forward_hook(lambda mod, inp, out: seen.append(inp[0].detach()))
     out = model(torch.randn(2, 3, 32, 32))
     assert out.shape == (2, NUM_CLASSES)
     out.square().mean().backward()
     for pname, p in model.named_parameters():
         assert p.grad is not None, f"{name}: {pname} got no gradient"
         assert torch.isfinite(p.grad).all(), f"{name}: {pname} has a non-finite gradient"
+    # The classifier's gradient by hand: L = mean(out^2), dL/dout = 2 out / numel, dL/dW = dout^T h.
+    dout = 2 * out.detach() / out.numel()
+    torch.testing.assert_close(heads[0].weight.grad, dout.T @ seen[0], rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(heads[0].bias.grad, dout.sum(0), rtol=1e-4, atol=1e-7)
 
 
 @pytest.mark.parametrize("name", list_models())
@@ -41,10 +49,16 @@ def test_one_channel_28px_input(name):
     """Fashion-MNIST: 1 channel, 28x28 (the CIFAR models pool adaptively)."""
     torch.manual_seed(0)
     model = create_model(name, num_classes=NUM_CLASSES, in_chans=1).eval()
+    first = next(m for m in model.modules() if isinstance(m, nn.Conv2d))
+    assert first.in_channels == 1
+    x = torch.randn(2, 1, 28, 28)
     with torch.no_grad():
-        out = model(torch.randn(2, 1, 28, 28))
+        out = model(x)
+        alone = model(x[1:])
     assert out.shape == (2, NUM_CLASSES)
     assert torch.isfinite(out).all()
+    assert not torch.allclose(out[0], out[1])  # the output depends on the image
+    torch.testing.assert_close(alone[0], out[1], rtol=1e-4, atol=1e-5)  # eval: no batch statistics
 
 
 # (name, kwargs, num_classes, published count); WRN numbers are the WRN paper's, whose shortcut is

@@ -1,6 +1,7 @@
 """sam_repro.report tables: aggregation, matching to paper cells, budget table, README, CLI, bytes."""
 from __future__ import annotations
 
+import hashlib
 import math
 from pathlib import Path
 
@@ -183,13 +184,20 @@ def test_readme_summary(report) -> None:
         assert run_dir in skipped and reason in skipped
 
 
+# sha256 of the paper's numbers as committed; a change to the CSV must change this line on purpose.
+PAPER_CSV_SHA256 = "519b31289558ba76b92e3f1c79edf2db901a4a615f35d6206b6ba87a8346dd7f"
+
+
 def test_paper_csv_is_the_shared_reference_byte_for_byte() -> None:
-    shared = Path("/work/shared/reference/paper_tables.csv")
     ours = Path(__file__).resolve().parents[1] / "sam_repro/report/paper_tables.csv"
-    if shared.exists():
-        assert ours.read_bytes() == shared.read_bytes()
+    assert hashlib.sha256(ours.read_bytes()).hexdigest() == PAPER_CSV_SHA256  # checked with or without shared/
     df = paper_csv()
     assert len(df) == 214 and set(df["table"]) == {1, 2, 3, 4, 5}
+    # The steering reference sits beside the clone (../shared) on developer machines and in CI.
+    shared = Path(__file__).resolve().parents[2] / "shared/reference/paper_tables.csv"
+    if not shared.is_file():
+        pytest.skip(f"{shared} is absent: compared against the committed checksum only")
+    assert ours.read_bytes() == shared.read_bytes()
 
 
 def test_two_generations_are_byte_identical(runs_root: Path, tmp_path: Path) -> None:

@@ -307,8 +307,12 @@ def test_under_bf16_autocast_e_follows_the_actual_gradients() -> None:
         torch.testing.assert_close((p - w0).double(), 0.05 * g.double() / norm, rtol=1e-4, atol=1e-7)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         loss_of(net, x, y).backward()
+    g_at_e = [p.grad.clone() for p in net.parameters()]  # the bf16-autocast gradient at w + e
     opt.second_step(zero_grad=True)
-    assert all(torch.isfinite(p).all() for p in net.parameters())
+    # Back to w exactly, then plain SGD with the gradient taken at w + e: w - lr * g(w + e).
+    for p, g, w0 in zip(net.parameters(), g_at_e, w):
+        torch.testing.assert_close(p, torch.add(w0, g, alpha=-LR), rtol=1e-6, atol=1e-8)
+    assert any(not torch.equal(a, b) for a, b in zip(g_at_e, grads))  # the second gradient is a new one
 
 
 def test_adamw_base_optimizer() -> None:

@@ -187,16 +187,33 @@ def test_set_true_gradient_toggles_every_layer():
 
 
 def test_bf16_autocast_keeps_activations_bf16_and_trains():
+    torch.manual_seed(5)
     layer = ShakeDrop(0.5).train()
-    x = torch.randn(4, 3, 2, 2, dtype=torch.bfloat16, requires_grad=True)
+    x = (torch.rand(64, 3, 2, 2) + 0.5).to(torch.bfloat16).requires_grad_(True)  # positive: ratios are safe
     out = layer(x)
     out.sum().backward()
     assert out.dtype == torch.bfloat16 and x.grad.dtype == torch.bfloat16
+    # Per sample, forward multiplies by b + alpha - b*alpha and backward by b + beta - b*beta:
+    # a kept sample (b = 1) passes unchanged both ways; a dropped one is scaled by alpha in [-1, 1]
+    # forward and by beta in [0, 1] backward.
+    coef = (out.float() / x.float()).flatten(1)
+    grad = x.grad.float().flatten(1)
+    assert torch.allclose(coef, coef[:, :1].expand_as(coef), rtol=2e-2, atol=1e-2)  # one coefficient per sample
+    assert (grad == grad[:, :1]).all()
+    kept = (coef == 1).all(1)
+    assert 10 < int(kept.sum()) < 54  # both kinds occur (Binomial(64, 0.5))
+    assert (grad[kept] == 1).all()
+    assert (coef[~kept].abs() <= 1.0 + 1e-2).all() and ((grad[~kept] >= 0) & (grad[~kept] <= 1)).all()
     torch.manual_seed(6)
     model = ShakeShakeResNet(blocks_per_group=1, base_width=8, num_classes=5).train()
+    images = torch.randn(4, 3, 16, 16)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = model(torch.randn(4, 3, 16, 16)).float().square().mean()
-    loss.backward()
+        torch.manual_seed(1)
+        low = model(images)
+    torch.manual_seed(1)  # the same draws in fp32: bf16 changes the precision, not the function
+    full = model(images)
+    torch.testing.assert_close(low.float(), full, rtol=0.1, atol=0.1)
+    low.float().square().mean().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
 
 

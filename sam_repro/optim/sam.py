@@ -100,9 +100,24 @@ class SAM(torch.optim.Optimizer):
         self.last_perturbation_norm: Optional[Tensor] = None
 
     # -- the two halves of the step -------------------------------------------------------------
+    # The public steps are thin no_grad wrappers around undecorated bodies: mutmut (make mutate,
+    # docs/testing.md) skips decorated functions, and these bodies are the ones that must be tested.
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
         """Move every parameter that has a gradient from w to w + e(w), saving w."""
+        self._perturb(zero_grad)
+
+    @torch.no_grad()
+    def unperturb(self) -> None:
+        """Restore w exactly (a copy, bit-identical) without stepping. Idempotent."""
+        self._restore()
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False) -> None:
+        """Restore w, then take the base optimizer's step with the gradient computed at w + e(w)."""
+        self._restore_and_step(zero_grad)
+
+    def _perturb(self, zero_grad: bool) -> None:
         if self._perturbed:
             raise RuntimeError("first_step() called twice: call second_step() or unperturb() in between")
         self._check_group_settings()
@@ -163,17 +178,13 @@ class SAM(torch.optim.Optimizer):
             self.last_perturbation_norm = _combine(e_norms)
         self._perturbed = [(b["params"], b["saved"]) for b in buckets.values()]
 
-    @torch.no_grad()
-    def unperturb(self) -> None:
-        """Restore w exactly (a copy, bit-identical) without stepping. Idempotent."""
+    def _restore(self) -> None:
         for params, saved in self._perturbed:
             torch._foreach_copy_(params, saved)
         self._perturbed = []
 
-    @torch.no_grad()
-    def second_step(self, zero_grad: bool = False) -> None:
-        """Restore w, then take the base optimizer's step with the gradient computed at w + e(w)."""
-        self.unperturb()
+    def _restore_and_step(self, zero_grad: bool) -> None:
+        self._restore()
         self.base_optimizer.step()
         if zero_grad:
             self.zero_grad()

@@ -164,6 +164,8 @@ def diff_fields(setting: dict[str, Any], exp: paper.Expected) -> list[tuple[str,
     noise = _num(setting.get("label_noise")) or 0.0
     if not _same(noise, exp.label_noise):
         add("label_noise", f"label_noise {noise:g} (paper {exp.label_noise:g})")
+    elif noise > 0 and setting.get("noise_kind", "symmetric") != "symmetric":  # Table 4 is symmetric noise
+        add("noise_kind", f"noise_kind {setting.get('noise_kind')} (paper symmetric)")
     if setting.get("optimizer") != exp.optimizer:
         add("optimizer", f"optimizer {setting.get('optimizer')} (paper {exp.optimizer})")
     if exp.rho is not None and not _same(_num(setting.get("rho")), exp.rho):

@@ -1,0 +1,68 @@
+"""Summarize a mutmut run per module: killed / survived / timeout / other, and every survivor's diff.
+
+    python scripts/mutation_summary.py --out results/mutation [--label after]
+
+Reads `mutmut results --all true` (run from the repository root, after `mutmut run`); writes
+<out>/<label>.json (counts per module) and <out>/<label>.md (the table and the surviving mutants'
+diffs, for the equivalence review in docs/testing.md).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+from collections import Counter, defaultdict
+from pathlib import Path
+
+MUTMUT = str(Path(sys.executable).parent / "mutmut")
+LINE = re.compile(r"^\s+(?P<name>[\w.]+__mutmut_\d+): (?P<status>.+)$")
+
+
+def module_of(mutant: str) -> str:
+    """sam_repro.engine.schedule.x_cosine__mutmut_3 -> sam_repro/engine/schedule.py (the last dotted
+    part names the function, x_<name>, or the method, x<Class>ǁ<name>)."""
+    parts = mutant.split("__mutmut_")[0].split(".")[:-1]
+    path = "/".join(parts) + ".py"
+    return path if Path(path).is_file() else "/".join(parts) + "/__init__.py"
+
+
+def read_results() -> dict[str, str]:
+    out = subprocess.run([MUTMUT, "results", "--all", "true"], capture_output=True, text=True, check=True).stdout
+    return {m["name"]: m["status"].strip() for m in map(LINE.match, out.splitlines()) if m}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", type=Path, default=Path("results/mutation"))
+    ap.add_argument("--label", default="summary")
+    args = ap.parse_args()
+    results = read_results()
+    per_module: dict[str, Counter] = defaultdict(Counter)
+    for name, status in results.items():
+        per_module[module_of(name)][status] += 1
+    statuses = ["killed", "survived", "timeout", "no tests", "not checked", "suspicious", "segfault"]
+    extra = sorted({s for c in per_module.values() for s in c} - set(statuses))
+    cols = [s for s in statuses + extra if any(c[s] for c in per_module.values())]
+    args.out.mkdir(parents=True, exist_ok=True)
+    counts = {mod: dict(sorted(c.items())) for mod, c in sorted(per_module.items())}
+    (args.out / f"{args.label}.json").write_text(json.dumps(counts, indent=2) + "\n")
+    lines = [f"# Mutation testing: {args.label}", "", "| module | " + " | ".join(cols) + " |",
+             "|---|" + "---|" * len(cols)]
+    total: Counter = Counter()
+    for mod, c in sorted(per_module.items()):
+        total.update(c)
+        lines.append(f"| {mod} | " + " | ".join(str(c[s]) for s in cols) + " |")
+    lines.append("| **all** | " + " | ".join(str(total[s]) for s in cols) + " |")
+    survivors = sorted(n for n, s in results.items() if s not in ("killed", "not checked"))
+    lines += ["", f"## Not killed ({len(survivors)})", ""]
+    for name in survivors:
+        diff = subprocess.run([MUTMUT, "show", name], capture_output=True, text=True).stdout.strip()
+        lines += [f"### {name}: {results[name]}", "", "```diff", diff, "```", ""]
+    (args.out / f"{args.label}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines[: 4 + len(per_module) + 1]))
+
+
+if __name__ == "__main__":
+    main()
