@@ -28,7 +28,8 @@ def filter_normalized_direction(params: Sequence[Tensor], g: torch.Generator) ->
             continue
         d = torch.randn(p.shape, generator=g, dtype=torch.float64).to(device=p.device, dtype=p.dtype)
         dims = tuple(range(1, p.ndim))
-        scale = p.norm(dim=dims, keepdim=True) / (d.norm(dim=dims, keepdim=True) + 1e-10)
+        norm = torch.linalg.vector_norm  # Tensor.norm over 3 dims would take the matrix-norm path and fail
+        scale = norm(p, dim=dims, keepdim=True) / (norm(d, dim=dims, keepdim=True) + 1e-10)
         out.append(d * scale)
     return tuple(out)
 
