@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import math
 import os
 import sys
 import time
@@ -182,6 +183,17 @@ def _document(run: Run, setup: dict[str, Any], parts: dict[str, Any], wall_s: fl
     return doc
 
 
+def json_safe(x: Any) -> Any:
+    """Non-finite floats (a standard error of one chunk or one probe) as null: JSON has no NaN."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: json_safe(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [json_safe(v) for v in x]
+    return x
+
+
 def measure(run: Run, a: argparse.Namespace, parts: list[str]) -> tuple[Objective, dict[str, Any]]:
     """Measure the parts on one run; write sharpness.json atomically; return the objective too."""
     t0 = time.perf_counter()
@@ -193,6 +205,7 @@ def measure(run: Run, a: argparse.Namespace, parts: list[str]) -> tuple[Objectiv
         blocks[name]["time_s"] = round(time.perf_counter() - t, 3)
         print(f"  {name}: {blocks[name]['time_s']:.1f} s", flush=True)
     doc = _document(run, _setup(run, a), blocks, time.perf_counter() - t0)
+    doc = json_safe(doc)
     write_json(run.path / SHARPNESS_FILE, doc)
     return obj, doc
 
@@ -209,7 +222,7 @@ def _interpolate(a_run: Run, b_run: Run, a_obj: Objective, args: argparse.Namesp
         block = {"other": {"optimizer": c.get("optimizer"), "rho": c.get("rho"), "seed": c.get("seed"),
                            "run_dir": os.path.relpath(Path(other.path).resolve(), Path(run.path).resolve())},
                  "direction": "t=0: this run, t=1: the other", **path.as_json()}
-        doc = _document(run, _setup(run, args), {"interpolation": block}, path.time_s)
+        doc = json_safe(_document(run, _setup(run, args), {"interpolation": block}, path.time_s))
         write_json(run.path / SHARPNESS_FILE, doc)
         print(f"  interpolation {run.label} -> {other.label}: {path.time_s:.1f} s", flush=True)
 
