@@ -10,7 +10,7 @@ TABLES ?= results/tables
 BENCH_OUT ?= results/bench
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-fast mutate table bench bench-gpu smoke clean
+.PHONY: help install test test-fast mutate table sharpness bench bench-gpu smoke clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -39,6 +39,9 @@ mutate: install ## mutation testing (mutmut) of the modules that decide numbers;
 
 table: install ## regenerate results/tables/ (markdown, CSV, plots) from the run logs in results/runs/
 	$(VENV)/bin/sam-report --runs $(RUNS) --out $(TABLES)
+
+sharpness: install ## measure every run below $(RUNS) that has a checkpoint and no sharpness.json (sam-sharpness)
+	$(VENV)/bin/sam-sharpness --runs $(RUNS) --missing-only $(SHARPNESS_ARGS)
 
 smoke: install ## a 20-second CPU training run on synthetic data (writes runs/smoke/...)
 	$(VENV)/bin/sam-train experiment=smoke

@@ -15,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from sam_repro.report import plots, tables
+from sam_repro.report import sharpness as sharpness_report
 from sam_repro.report.load import Loaded, load_runs
 
 PAPER_TABLES = (1, 2, 3, 4, 5)
@@ -31,6 +32,7 @@ class Report:
     budget: tables.Table
     plots: dict[str, plots.Plot]
     files: list[Path] = field(default_factory=list)
+    sharpness: tables.Table | None = None  # from the runs' sharpness.json (sam-sharpness)
 
     def filled(self, table: tables.Table) -> tuple[int, int]:
         """(paper cells with at least one run, paper cells) of one table."""
@@ -58,7 +60,9 @@ def generate(runs_dir: str | Path, out_dir: str | Path) -> Report:
         "label noise": plots.label_noise(paper_tables[3], out),
         "rho sweep": plots.rho_sweep(loaded.runs, out),
     }
-    report = Report(loaded, paper_tables, budget, drawn)
+    sharp_table, drawn["loss landscape"] = sharpness_report.generate(loaded.runs, out)
+    files += tables.write_table(sharp_table, out)
+    report = Report(loaded, paper_tables, budget, drawn, sharpness=sharp_table)
     in_cells = {k for k, m in matches.items() if m.cells}
     readme = out / "README.md"
     readme.write_text(_readme(report, loaded.runs[loaded.runs["setting_key"].isin(in_cells)]),
@@ -114,6 +118,7 @@ def _readme(report: Report, paper_runs: pd.DataFrame) -> str:
         "## Files",
         "\n".join([*(f"- [{t.title}]({t.name}.md) ([csv]({t.name}.csv))" for t in report.tables),
                    f"- [{report.budget.title}](budget.md) ([csv](budget.csv))",
+                   *([f"- [{report.sharpness.title}](sharpness.md) ([csv](sharpness.csv))"] if report.sharpness else []),
                    *(f"- {kind}: [{f.name}]({f.name})" for kind, p in report.plots.items() for f in p.files)]),
         "## Skipped / not final",
         tables.markdown_table(report.loaded.skipped.rename(columns={"run_dir": "run directory"})),

@@ -1,0 +1,188 @@
+"""The sharpness table and the loss-landscape figures, from the sharpness.json files that
+`sam-sharpness` writes into run directories (the report never measures anything itself).
+
+Per setting (every config field but the optimizer's) and method: the final test error, lambda_max,
+lambda_max / lambda_5, the Hessian trace and the m-sharpness cells; mean ± 95% t-interval over
+seeds where there are several (one seed: the value alone). Runs measured differently (another
+subset, BatchNorm mode, weight-decay term or dtype) are never averaged together: the "measured
+on" column tells them apart. One figure per setting puts SGD and SAM side by side on one scale.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Optional
+
+import matplotlib.style
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from sam_repro.report.plots import COLORS, OPTIMIZER_FIELDS, Plot, _real_runs, _save, _unique_stems, _without
+from sam_repro.report.tables import DASH, Table, t_interval
+
+SHARPNESS_FILE = "sharpness.json"
+FIGURE_GLOB = "sharpness_*.png"
+METHOD_ORDER = {"sgd": 0, "sam": 1, "asam": 2}
+
+
+def read_sharpness(run_dir: str | Path) -> Optional[dict[str, Any]]:
+    """A run's sharpness.json, or None when it is absent or unreadable (never an exception)."""
+    try:
+        doc = json.loads((Path(run_dir) / SHARPNESS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) and doc.get("schema") == 1 else None
+
+
+def _get(doc: dict[str, Any], *keys: str) -> Any:
+    for k in keys:
+        if not isinstance(doc, dict):
+            return None
+        doc = doc.get(k)
+    return doc
+
+
+def _num(x: Any) -> float:
+    return float(x) if isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) else math.nan
+
+
+def _measured_on(setup: dict[str, Any]) -> str:
+    wd = "L2 in" if _get(setup, "weight_decay", "in_loss") else "L2 out"
+    return f"{setup.get('subset')} train ex., BN {setup.get('bn_mode')}, {wd}, {setup.get('dtype')}"
+
+
+def sharpness_rows(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per run with a sharpness.json: its setting, method and every number the table shows."""
+    rows = []
+    for _, r in _real_runs(runs).iterrows():  # iterrows: column names with dots stay readable
+        doc = read_sharpness(r["abs_dir"])
+        if doc is None:
+            continue
+        setting = json.loads(r["setting_key"])
+        row = {"figure_key": _without(r["setting_key"], OPTIMIZER_FIELDS), "optimizer": setting.get("optimizer"),
+               "rho": setting.get("rho"), "seed": r["seed"], "run_dir": r["run_dir"], "abs_dir": r["abs_dir"],
+               "measured_on": _measured_on(doc.get("setup") or {}),
+               "test_err": _num(r.get("final.test_err")),
+               "lambda_max": _num(_get(doc, "hessian", "lambda_max")),
+               "lambda_ratio": _num(_get(doc, "hessian", "lambda_max_over_lambda_5")),
+               "trace": _num(_get(doc, "hessian", "trace", "value"))}
+        for cell in _get(doc, "msharpness", "cells") or []:
+            steps = cell.get("steps", 1)
+            name = f"m-sharpness m={cell.get('m')} rho={cell.get('rho'):g}" + (f" {steps}-step" if steps != 1 else "")
+            row[name] = _num(cell.get("value"))
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _fmt(values: pd.Series) -> str:
+    """'12.3' (one seed), '12.3 ± 0.4' (several: 95% t-interval), a dash when absent."""
+    s = t_interval(values.astype(float))
+    if s.n == 0:
+        return DASH
+    return f"{s.mean:.4g}" if math.isnan(s.ci95) else f"{s.mean:.4g} ± {s.ci95:.2g}"
+
+
+def sharpness_table(runs: pd.DataFrame) -> tuple[Table, pd.DataFrame]:
+    """The table (markdown + CSV) and the per-run rows it was built from."""
+    rows = sharpness_rows(runs)
+    metrics = [("test_err", "test error (%)"), ("lambda_max", "lambda_max"),
+               ("lambda_ratio", "lambda_max / lambda_5"), ("trace", "trace")]
+    notes = ["Measured by `sam-sharpness` on each run's own model and training data (a fixed seeded subset, no "
+             "augmentation); every run's sharpness.json says how (subset, seed, iterations, tolerances, error "
+             "bars). One seed: the value; several: mean ± 95% CI over seeds (Student t).",
+             "lambda: Hessian eigenvalues (Lanczos), trace: Hutchinson; m-sharpness: SAM paper Sec. 4.1 (mean "
+             "over chunks of m examples of the loss increase at the worst perturbation of norm rho)."]
+    if rows.empty:
+        return Table("sharpness", "Sharpness of the minima", pd.DataFrame(), pd.DataFrame(), notes), rows
+    msharp = sorted(c for c in rows.columns if c.startswith("m-sharpness"))
+    stems = _unique_stems(sorted(set(rows["figure_key"])))
+    rows = rows.assign(setting=rows["figure_key"].map(stems),
+                       _order=rows["optimizer"].map(lambda o: METHOD_ORDER.get(o, 9)))
+    display, data = [], []
+    for (setting, measured, _, opt, rho), g in rows.groupby(["setting", "measured_on", "_order", "optimizer", "rho"],
+                                                            sort=True, dropna=False):
+        label = opt.upper() if rho is None or (isinstance(rho, float) and math.isnan(rho)) else f"{opt.upper()} rho={rho:g}"
+        d = {"setting": setting, "method": label, "n": str(len(g)), "measured on": measured}
+        c = {"setting": setting, "method": label, "n": len(g), "measured_on": measured}
+        for col, title in [*metrics, *((m, m) for m in msharp)]:
+            vals = g[col] if col in g else pd.Series(dtype=float)
+            d[title] = _fmt(vals)
+            s = t_interval(vals.astype(float))
+            c[f"{col}_mean"], c[f"{col}_ci95"] = s.mean, s.ci95
+        display.append(d)
+        data.append(c)
+    return Table("sharpness", "Sharpness of the minima", pd.DataFrame(display), pd.DataFrame(data), notes), rows
+
+
+def _contour_levels(grids: list[np.ndarray]) -> np.ndarray:
+    lo = min(float(np.nanmin(g)) for g in grids)
+    hi = max(float(np.nanmax(g)) for g in grids)
+    return np.linspace(lo, hi, 16) if hi > lo else np.array([lo, lo + 1e-9])
+
+
+def landscape_figures(rows: pd.DataFrame, out: Path) -> Plot:
+    """One PNG per setting with landscape data: 1D slices of every run on one axis, the 2D slices
+    side by side with shared contour levels, and the SGD -> SAM interpolation where measured."""
+    columns = ["figure", "run_dir", "optimizer", "panel", "x", "y", "loss"]
+    if rows.empty:
+        return Plot(pd.DataFrame(columns=columns))
+    long, files = [], []
+    for setting, g in rows.sort_values(["_order", "seed", "run_dir"], kind="stable").groupby("setting", sort=True):
+        docs = [(r, read_sharpness(r.abs_dir)) for r in g.itertuples()]
+        docs = [(r, d) for r, d in docs if _get(d, "landscape", "d1")]
+        if not docs:
+            continue
+        name = f"sharpness_{setting}"
+        two_d = [(r, d) for r, d in docs if _get(d, "landscape", "d2")]
+        interp = [(r, d) for r, d in docs if _get(d, "interpolation", "t")]
+        ncols = 1 + len(two_d) + (1 if interp else 0)
+        with matplotlib.style.context("default"):
+            fig = Figure(figsize=(4.2 * ncols, 3.8), layout="constrained")
+            axes = list(np.atleast_1d(fig.subplots(1, ncols)))
+        ax = axes.pop(0)
+        for r, d in docs:
+            s = d["landscape"]["d1"]
+            ax.plot(s["alpha"], s["loss"], "o-", ms=3, color=COLORS.get(r.optimizer, "tab:gray"),
+                    label=f"{r.optimizer.upper()} seed {r.seed}")
+            long += [{"figure": name, "run_dir": r.run_dir, "optimizer": r.optimizer, "panel": "1d", "x": a,
+                      "y": math.nan, "loss": v} for a, v in zip(s["alpha"], s["loss"])]
+        ax.set(xlabel="alpha (filter-normalized direction)", ylabel="training loss (subset)", title="1D slice")
+        ax.legend(fontsize="small")
+        if two_d:
+            grids = [np.asarray(d["landscape"]["d2"]["loss"], dtype=float) for _, d in two_d]
+            levels = _contour_levels(grids)
+            for (r, d), grid in zip(two_d, grids):
+                ax = axes.pop(0)
+                s = d["landscape"]["d2"]
+                cs = ax.contourf(s["beta"], s["alpha"], grid, levels=levels, cmap="viridis")
+                ax.set(xlabel="beta", ylabel="alpha", title=f"2D slice: {r.optimizer.upper()} seed {r.seed}",
+                       aspect="equal")
+                long += [{"figure": name, "run_dir": r.run_dir, "optimizer": r.optimizer, "panel": "2d", "x": a,
+                          "y": b, "loss": grid[i, j]} for i, a in enumerate(s["alpha"]) for j, b in enumerate(s["beta"])]
+            fig.colorbar(cs, ax=ax, label="training loss (same scale)")
+        if interp:
+            ax = axes.pop(0)
+            r, d = interp[0]  # the first method in order (SGD): t = 0 is it, t = 1 the other run
+            s = d["interpolation"]
+            other = str(_get(s, "other", "optimizer")).upper()
+            ax.plot(s["t"], s["loss"], "o-", ms=3, color="black")
+            ax.axvline(0, color=COLORS.get(r.optimizer, "gray"), ls="--", lw=1, label=f"{r.optimizer.upper()} (t=0)")
+            ax.axvline(1, color=COLORS.get(str(_get(s, 'other', 'optimizer')), "gray"), ls="--", lw=1,
+                       label=f"{other} (t=1)")
+            ax.set(xlabel="t", ylabel="training loss (subset)", title="linear interpolation")
+            ax.legend(fontsize="small")
+            long += [{"figure": name, "run_dir": r.run_dir, "optimizer": r.optimizer, "panel": "interpolation",
+                      "x": t, "y": math.nan, "loss": v} for t, v in zip(s["t"], s["loss"])]
+        fig.suptitle(f"{setting}: loss landscape (SGD vs SAM)")
+        files.append(_save(fig, out / f"{name}.png"))
+    return Plot(pd.DataFrame(long, columns=columns), files)
+
+
+def generate(runs: pd.DataFrame, out: Path) -> tuple[Table, Plot]:
+    """The sharpness table and the landscape figures of every run that has a sharpness.json."""
+    for stale in out.glob(FIGURE_GLOB):
+        stale.unlink()
+    table, rows = sharpness_table(runs)
+    return table, landscape_figures(rows, out)
