@@ -144,6 +144,9 @@ class TrainStep:
         self._bn_buffers = dict((n, b) for n, b in self.module.named_buffers() if n in set(batchnorm_buffer_names(self.module)))
         self._norm_params = {f"{prefix}.{n}" if prefix else n for prefix, m in self.module.named_modules()
                              if isinstance(m, nn.modules.batchnorm._NormBase) for n, _ in m.named_parameters(recurse=False)}
+        self._bn_in_float = False
+        if cfg.autocast_dtype is not None:
+            self._install_batchnorm_hooks()
 
     # -- pieces ---------------------------------------------------------------------------------
     def _set_true_gradient(self, enabled: bool) -> None:
@@ -264,24 +267,25 @@ class TrainStep:
     def _batchnorm_in_float(self) -> Iterator[None]:
         """Under autocast, BatchNorm reads its input in its statistics' dtype (fp32) and hands back
         the autocast dtype: vmap's batch-norm rule, unlike the plain kernel, refuses a bf16 input with
-        fp32 running statistics. A no-op without autocast."""
-        if self.cfg.autocast_dtype is None or not self._batchnorms:
-            yield
-            return
-        low = self.cfg.autocast_dtype
-
-        def to_float(module: nn.Module, args: tuple) -> tuple:
-            return tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
-
-        def back(module: nn.Module, args: tuple, out: Tensor) -> Tensor:
-            return out.to(low)
-
-        handles = [h for m in self._batchnorms for h in (m.register_forward_pre_hook(to_float), m.register_forward_hook(back))]
+        fp32 running statistics. The hooks are installed once (__init__) and act only in here."""
+        self._bn_in_float = self.cfg.autocast_dtype is not None
         try:
             yield
         finally:
-            for h in handles:
-                h.remove()
+            self._bn_in_float = False
+
+    def _install_batchnorm_hooks(self) -> None:
+        def to_float(module: nn.Module, args: tuple) -> Optional[tuple]:
+            if not self._bn_in_float:
+                return None
+            return tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+
+        def back(module: nn.Module, args: tuple, out: Tensor) -> Optional[Tensor]:
+            return out.to(self.cfg.autocast_dtype) if self._bn_in_float else None
+
+        for layer in self._batchnorms:
+            layer.register_forward_pre_hook(to_float)
+            layer.register_forward_hook(back)
 
     def _per_group_gradients(self, buffers: dict[str, Tensor], xg: Tensor, yg: Tensor) -> tuple[list[Tensor], Tensor, Tensor]:
         """Each group's gradient at w (k, *shape per parameter; vmap of grad, the weights shared, so
