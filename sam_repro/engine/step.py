@@ -94,13 +94,12 @@ def running_stats_frozen(layers: list[nn.Module]) -> Iterator[None]:
             layer.track_running_stats = True
 
 
-def batchnorm_buffer_names(model: nn.Module) -> list[str]:
-    """The names of the running statistics of every BatchNorm layer that keeps them."""
-    names = []
-    for prefix, module in model.named_modules():
-        if isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats:
-            names += [f"{prefix}.{b}" if prefix else b for b, t in module.named_buffers(recurse=False) if t is not None]
-    return names
+def batchnorm_buffers(model: nn.Module) -> dict[str, Tensor]:
+    """The running statistics (and counts) of every BatchNorm layer that keeps them, by name."""
+    return {f"{prefix}.{name}" if prefix else name: buffer
+            for prefix, module in model.named_modules()
+            if isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats
+            for name, buffer in module.named_buffers(recurse=False) if buffer is not None}
 
 
 class TrainStep:
@@ -141,7 +140,7 @@ class TrainStep:
         names = {id(p): n for n, p in self.module.named_parameters()}
         self._param_names = [names[id(p)] for p in self.params]
         self._l2 = [g.get("l2", 0.0) for g in optimizer.param_groups for _ in g["params"]]
-        self._bn_buffers = dict((n, b) for n, b in self.module.named_buffers() if n in set(batchnorm_buffer_names(self.module)))
+        self._bn_buffers = batchnorm_buffers(self.module)
         self._norm_params = {f"{prefix}.{n}" if prefix else n for prefix, m in self.module.named_modules()
                              if isinstance(m, nn.modules.batchnorm._NormBase) for n, _ in m.named_parameters(recurse=False)}
         self._bn_in_float = False
