@@ -102,7 +102,84 @@ def batchnorm_buffers(model: nn.Module) -> dict[str, Tensor]:
             for name, buffer in module.named_buffers(recurse=False) if buffer is not None}
 
 
-class TrainStep:
+class FunctionalPasses:
+    """What the step of one run (TrainStep) and the step of a pack (engine/pack.py) share: autocast,
+    the loss, the stochastic layers' switches and the functional forward of `self.module` that
+    torch.func vmaps. Set up by `_init_passes`."""
+
+    def _init_passes(self, module: nn.Module, cfg: StepConfig, device: torch.device) -> None:
+        self.module, self.cfg, self.device = module, cfg, device
+        self.draws = RandomDraws(device)
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+        # Found once: the step toggles these twice per step.
+        self._batchnorms = batchnorm_layers(module)
+        self._stochastic = [m for m in module.modules() if isinstance(m, StochasticLayer)]
+        for layer in self._stochastic:
+            if isinstance(layer, ShakeDrop):
+                layer.replay_mask = cfg.shakedrop_mask == "replay"
+        self._norm_params = {f"{prefix}.{n}" if prefix else n for prefix, m in module.named_modules()
+                             if isinstance(m, nn.modules.batchnorm._NormBase) for n, _ in m.named_parameters(recurse=False)}
+        self._bn_in_float = False
+        if cfg.autocast_dtype is not None:
+            self._install_batchnorm_hooks()
+
+    def _set_true_gradient(self, enabled: bool) -> None:
+        for layer in self._stochastic:
+            layer.true_gradient = enabled
+
+    def _set_perturbed_pass(self, perturbed: bool) -> None:
+        for layer in self._stochastic:
+            layer.perturbed_pass = perturbed
+
+    def _autocast(self) -> ContextManager:
+        return torch.autocast(self.device.type, dtype=self.cfg.autocast_dtype or torch.float32,
+                              enabled=self.cfg.autocast_dtype is not None)
+
+    def _loss(self, logits: Tensor, y: Tensor) -> Tensor:
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()  # the loss in fp32 under autocast
+        return self.criterion(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+    def _group_logits(self, weights: dict[str, Tensor], x: Tensor) -> Tensor:
+        """The module's logits for one group's examples, with `weights` (parameters and/or BatchNorm
+        buffers) in place of the module's own; vmapped over the groups."""
+        with self._autocast(), self._batchnorm_in_float():
+            return functional_call(self.module, weights, (x,))
+
+    @contextlib.contextmanager
+    def _batchnorm_in_float(self) -> Iterator[None]:
+        """Under autocast, BatchNorm reads its input in its statistics' dtype (fp32) and hands back
+        the autocast dtype: vmap's batch-norm rule, unlike the plain kernel, refuses a bf16 input with
+        fp32 running statistics. The hooks are installed once (__init__) and act only in here."""
+        self._bn_in_float = self.cfg.autocast_dtype is not None
+        try:
+            yield
+        finally:
+            self._bn_in_float = False
+
+    def _install_batchnorm_hooks(self) -> None:
+        def to_float(module: nn.Module, args: tuple) -> Optional[tuple]:
+            if not self._bn_in_float:
+                return None
+            return tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+
+        def back(module: nn.Module, args: tuple, out: Tensor) -> Optional[Tensor]:
+            return out.to(self.cfg.autocast_dtype) if self._bn_in_float else None
+
+        for layer in self._batchnorms:
+            layer.register_forward_pre_hook(to_float)
+            layer.register_forward_hook(back)
+
+    def _low_precision(self, weights: dict[str, Tensor], x: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+        """What autocast does to a convolution's input and weights on the plain path, done by hand:
+        under vmap with batched weights autocast casts neither (BatchNorm's stay fp32, see above)."""
+        low = self.cfg.autocast_dtype
+        if low is None:
+            return weights, x
+        return {n: (w.to(low) if n not in self._norm_params else w) for n, w in weights.items()}, x.to(low)
+
+
+class TrainStep(FunctionalPasses):
     """Callable (x, y) -> StepStats that updates the model in place."""
 
     def __init__(
@@ -122,48 +199,16 @@ class TrainStep:
         DDP passes `model.no_sync` there so that each replica perturbs with its own gradient.
         `grad_reduce` averages the gradients over processes after a grouped step (DDP's own hooks only
         run on the one-group path)."""
-        self.model, self.optimizer, self.sam, self.cfg, self.scaler = model, optimizer, sam, cfg, scaler
-        self.module = module if module is not None else model
+        self.model, self.optimizer, self.sam, self.scaler = model, optimizer, sam, scaler
         self.first_pass_context = first_pass_context
         self.grad_reduce = grad_reduce
         self.params = [p for g in optimizer.param_groups for p in g["params"]]
-        self.device = self.params[0].device
-        self.draws = RandomDraws(self.device)
-        self.criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
-        # Found once: the step toggles these twice per step.
-        self._batchnorms = batchnorm_layers(model)
-        self._stochastic = [m for m in model.modules() if isinstance(m, StochasticLayer)]
-        for layer in self._stochastic:
-            if isinstance(layer, ShakeDrop):
-                layer.replay_mask = cfg.shakedrop_mask == "replay"
+        self._init_passes(module if module is not None else model, cfg, self.params[0].device)
         # The grouped path's view of the parameters (by name, in the optimizer's order) and buffers.
         names = {id(p): n for n, p in self.module.named_parameters()}
         self._param_names = [names[id(p)] for p in self.params]
         self._l2 = [g.get("l2", 0.0) for g in optimizer.param_groups for _ in g["params"]]
         self._bn_buffers = batchnorm_buffers(self.module)
-        self._norm_params = {f"{prefix}.{n}" if prefix else n for prefix, m in self.module.named_modules()
-                             if isinstance(m, nn.modules.batchnorm._NormBase) for n, _ in m.named_parameters(recurse=False)}
-        self._bn_in_float = False
-        if cfg.autocast_dtype is not None:
-            self._install_batchnorm_hooks()
-
-    # -- pieces ---------------------------------------------------------------------------------
-    def _set_true_gradient(self, enabled: bool) -> None:
-        for layer in self._stochastic:
-            layer.true_gradient = enabled
-
-    def _set_perturbed_pass(self, perturbed: bool) -> None:
-        for layer in self._stochastic:
-            layer.perturbed_pass = perturbed
-
-    def _autocast(self) -> ContextManager:
-        return torch.autocast(self.device.type, dtype=self.cfg.autocast_dtype or torch.float32,
-                              enabled=self.cfg.autocast_dtype is not None)
-
-    def _loss(self, logits: Tensor, y: Tensor) -> Tensor:
-        if logits.dtype in (torch.float16, torch.bfloat16):
-            logits = logits.float()  # the loss in fp32 under autocast
-        return self.criterion(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
 
     def _backward(self, loss: Tensor) -> None:
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
@@ -256,36 +301,6 @@ class TrainStep:
         return loss, logits
 
     # -- k groups at once (torch.func) -----------------------------------------------------------
-    def _group_logits(self, weights: dict[str, Tensor], x: Tensor) -> Tensor:
-        """The module's logits for one group's examples, with `weights` (parameters and/or BatchNorm
-        buffers) in place of the module's own; vmapped over the groups."""
-        with self._autocast(), self._batchnorm_in_float():
-            return functional_call(self.module, weights, (x,))
-
-    @contextlib.contextmanager
-    def _batchnorm_in_float(self) -> Iterator[None]:
-        """Under autocast, BatchNorm reads its input in its statistics' dtype (fp32) and hands back
-        the autocast dtype: vmap's batch-norm rule, unlike the plain kernel, refuses a bf16 input with
-        fp32 running statistics. The hooks are installed once (__init__) and act only in here."""
-        self._bn_in_float = self.cfg.autocast_dtype is not None
-        try:
-            yield
-        finally:
-            self._bn_in_float = False
-
-    def _install_batchnorm_hooks(self) -> None:
-        def to_float(module: nn.Module, args: tuple) -> Optional[tuple]:
-            if not self._bn_in_float:
-                return None
-            return tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
-
-        def back(module: nn.Module, args: tuple, out: Tensor) -> Optional[Tensor]:
-            return out.to(self.cfg.autocast_dtype) if self._bn_in_float else None
-
-        for layer in self._batchnorms:
-            layer.register_forward_pre_hook(to_float)
-            layer.register_forward_hook(back)
-
     def _per_group_gradients(self, buffers: dict[str, Tensor], xg: Tensor, yg: Tensor) -> tuple[list[Tensor], Tensor, Tensor]:
         """Each group's gradient at w (k, *shape per parameter; vmap of grad, the weights shared, so
         every convolution runs once over all groups), the mean loss and the logits."""
@@ -345,12 +360,7 @@ class TrainStep:
         # 2. e_g for every group from its own gradient, then the k perturbed weight sets
         e = self.sam.grouped_perturbation(self.params, grads)
         perturbed = {n: p.unsqueeze(0) + e_p for n, p, e_p in zip(self._param_names, self.params, e)}
-        if self.cfg.autocast_dtype is not None:
-            # what autocast does to a convolution's input and weights on the plain path, done here:
-            # under vmap with batched weights autocast casts neither (BatchNorm's stay fp32, see below)
-            low = self.cfg.autocast_dtype
-            perturbed = {n: (w.to(low) if n not in self._norm_params else w) for n, w in perturbed.items()}
-            xg = xg.to(low)
+        perturbed, xg = self._low_precision(perturbed, xg)
         self.draws.replay()
         self._set_perturbed_pass(True)
         try:
