@@ -12,6 +12,7 @@ input a pretrained model expects (finetuning).
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
 
 from .datasets import DATASETS, DataError, DatasetSpec, ImageArrays, ImageFiles, Split
 from .file_datasets import read_image_folder
@@ -223,10 +225,22 @@ def _validate(cfg: "DatasetConfig") -> None:
             raise DataError(f"dataset.channels={cfg.channels} must be 1 or 3")
 
 
-def load_data(cfg: "DatasetConfig") -> DataBundle:
-    """Load the dataset that `cfg` (a DatasetConfig) names: source, validation split, label noise."""
+NOISE_KEYS = ("label_noise", "noise_kind", "noise_seed")  # what may differ between runs that share a source
+
+
+def load_data(cfg: "DatasetConfig", cache: Optional[dict] = None) -> DataBundle:
+    """Load the dataset that `cfg` (a DatasetConfig) names: source, validation split, label noise.
+    `cache` (a dict the caller keeps) lets runs trained together (a pack) read and decode the source
+    once: their label noise is still drawn per run."""
     _validate(cfg)
-    d = SOURCES[cfg.source](cfg)
+    if cache is None:
+        d = SOURCES[cfg.source](cfg)
+    else:
+        fields = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dataclasses.asdict(cfg)
+        key = repr(sorted((k, v) for k, v in fields.items() if k not in NOISE_KEYS))
+        if key not in cache:
+            cache[key] = SOURCES[cfg.source](cfg)
+        d = cache[key]
     fp = fingerprint(d.train, d.test)
     train, val = split_validation(d.train, cfg.val_fraction, cfg.split_seed)
     labels, noise_info = apply_label_noise(train.labels, d.spec.num_classes, cfg.label_noise, cfg.noise_kind,

@@ -69,6 +69,7 @@ class Period:
         self.loss_sum = torch.zeros((), device=device, dtype=torch.float64)
         self.correct = torch.zeros((), device=device, dtype=torch.long)
         self.seen, self.steps, self.epochs, self.train_s, self.lr = 0, 0, 0, 0.0, 0.0
+        self.eval_s = 0.0  # evaluation time spent before `_evaluate` (a pack evaluates its members at once)
         # SAM: sums of the per-step gradient norm at w and perturbation norm ||e|| (steps that had them)
         self.grad_norm_sum = torch.zeros((), device=device, dtype=torch.float64)
         self.e_norm_sum = torch.zeros((), device=device, dtype=torch.float64)
@@ -125,7 +126,8 @@ def evaluate(model: nn.Module, loader: Iterable, runtime: Runtime, top5: bool) -
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=runtime.autocast_dtype or torch.float32,
                             enabled=runtime.autocast_dtype is not None):
-            logits = model(x).float()
+            logits = model(x)
+            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 at least (fp64 stays)
         loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum").double()
         wrong += (logits.argmax(dim=1) != y).sum()
         if top5:
@@ -147,14 +149,15 @@ def evaluate(model: nn.Module, loader: Iterable, runtime: Runtime, top5: bool) -
 class Trainer:
     """Holds everything a run needs; `fit()` runs the epochs."""
 
-    def __init__(self, cfg: DictConfig, run_dir: Path) -> None:
+    def __init__(self, cfg: DictConfig, run_dir: Path, data_cache: Optional[dict] = None) -> None:
+        """`data_cache`: shared by the members of a pack (engine/pack.py), which read their source once."""
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.runtime = resolve_runtime(cfg.engine)
         rt = self.runtime
         distributed.init(rt)
         set_determinism(cfg.engine.deterministic, rt.device.type == "cuda")
         seed_everything(cfg.seed)
-        self.bundle = load_data(cfg.dataset)
+        self.bundle = load_data(cfg.dataset, cache=data_cache)
         self.model = build_model(cfg, self.bundle, rt)
         # finetuning: the pretrained model's input size and normalization replace the dataset's
         self.bundle = fit_to_model(self.bundle, pretrained_input(self.model, cfg.model), cfg.dataset.input_size)
@@ -309,8 +312,10 @@ class Trainer:
         period.train_s += time.perf_counter() - start
         period.epochs += 1
 
-    def _evaluate(self, epoch: int, period: "Period", progress: Progress) -> dict[str, Any]:
-        """The metrics.jsonl row of the epochs in `period`: training sums and a test evaluation."""
+    def _evaluate(self, epoch: int, period: "Period", progress: Progress,
+                  measured: Optional[dict[str, dict[str, float]]] = None) -> dict[str, Any]:
+        """The metrics.jsonl row of the epochs in `period`: training sums and a test evaluation
+        (`measured`: the "test" and "val" evaluations already done, by a pack for all its members)."""
         rt = self.runtime
         start = time.perf_counter()
         if rt.distributed:  # per-replica BatchNorm: evaluate and checkpoint the ranks' mean statistics
@@ -327,13 +332,13 @@ class Trainer:
             norm_count = period.norm_steps * rt.world_size
             row.update(grad_norm=grad_norm_total / norm_count, perturbation_norm=e_norm_total / norm_count)
         if self.val_loader is not None:
-            val = evaluate(self.forward_model, self.val_loader, rt, self.top5)
+            val = measured["val"] if measured else evaluate(self.forward_model, self.val_loader, rt, self.top5)
             row.update(val_loss=val["loss"], val_err=val["err"])
-        test = evaluate(self.forward_model, self.test_loader, rt, self.top5)
+        test = measured["test"] if measured else evaluate(self.forward_model, self.test_loader, rt, self.top5)
         row.update(test_loss=test["loss"], test_err=test["err"])
         if self.top5:
             row["test_top5_err"] = test["top5_err"]
-        elapsed = period.train_s + time.perf_counter() - start
+        elapsed = period.train_s + period.eval_s + time.perf_counter() - start
         progress.wall_s += elapsed
         row.update(epoch_s=round(elapsed / period.epochs, 3), images_per_s=round(seen_total / period.train_s, 1))
         return row

@@ -102,6 +102,14 @@ def batchnorm_buffers(model: nn.Module) -> dict[str, Tensor]:
             for name, buffer in module.named_buffers(recurse=False) if buffer is not None}
 
 
+def group_size(n: int, cfg: StepConfig, uses_sam: bool) -> int:
+    """Examples per group for a batch of n: the device batch, or SAM's m when it is smaller."""
+    size = cfg.device_batch or n
+    if uses_sam and cfg.m:
+        size = min(size, cfg.m)
+    return min(size, n)
+
+
 class FunctionalPasses:
     """What the step of one run (TrainStep) and the step of a pack (engine/pack.py) share: autocast,
     the loss, the stochastic layers' switches and the functional forward of `self.module` that
@@ -246,11 +254,8 @@ class TrainStep(FunctionalPasses):
                 torch._foreach_add_(grads, torch._foreach_mul(params, self.scaler._scale * l2))
 
     def group_size(self, n: int) -> int:
-        """Examples per group for a batch of n: the device batch, or SAM's m when it is smaller."""
-        size = self.cfg.device_batch or n
-        if self.sam is not None and self.cfg.m:
-            size = min(size, self.cfg.m)
-        return min(size, n)
+        """Examples per group for a batch of n (see `group_size`)."""
+        return group_size(n, self.cfg, self.sam is not None)
 
     # -- the step -------------------------------------------------------------------------------
     def __call__(self, x: Tensor, y: Tensor) -> StepStats:
