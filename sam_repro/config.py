@@ -194,6 +194,12 @@ def register_configs() -> None:
     `linear_lr` resolver the ImageNet and finetuning presets use."""
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
     OmegaConf.register_new_resolver("linear_lr", linear_lr, replace=True)
+    # hydra/launcher=pack: registered by hand, because Hydra's plugin scan walks hydra_plugins with
+    # pkgutil, which does not see into an editable install (`pip install -e .`)
+    from hydra.core.plugins import Plugins
+    from hydra_plugins.sam_repro_pack_launcher.pack_launcher import PackLauncher
+
+    Plugins.instance().register(PackLauncher)
 
 
 def config_dir() -> Path:

@@ -422,10 +422,44 @@ class PackTrainer:
             progress.epoch = epoch
             save_checkpoint(trainer.run_dir, _own_storage(trainer._state(progress)))
             trainer.runlog.log_epoch(row, progress.history, progress.wall_s)
-            log.info("%s epoch %d/%d %s", trainer.cfg.name, epoch, trainer.epochs,
+            log.info("[member %d/%d %s] epoch %d/%d %s", i + 1, len(trainers), trainer.cfg.name, epoch, trainer.epochs,
                      " ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "epoch"))
 
 
 def fit_pack(jobs: list[tuple[DictConfig, Path]]) -> list[int]:
     """Train `jobs` (config, run directory) as one pack; each member's exit code."""
     return PackTrainer(jobs).fit()
+
+
+def plan_packs(configs: list[Optional[DictConfig]], size: int) -> list[tuple[list[int], Optional[str]]]:
+    """Group a sweep's jobs (their task configs; None for one that is not to be packed) into packs of at
+    most `size` whose members agree on `pack_key`, in sweep order. Returns (job indices, why) pairs:
+    why is None for a pack, else the one line saying why that job runs alone."""
+    keys: dict[str, list[int]] = defaultdict(list)
+    alone: dict[int, str] = {}
+    for i, cfg in enumerate(configs):
+        if cfg is None:
+            alone[i] = "not packable (see its error)"
+            continue
+        key, why = pack_key(cfg)
+        if key is None:
+            alone[i] = why
+        else:
+            keys[key].append(i)
+    plan: list[tuple[list[int], Optional[str]]] = []
+    largest = max(keys.values(), key=len, default=[])
+    for members in keys.values():
+        n_chunks = -(-len(members) // max(size, 1))  # balanced: 9 jobs at size 8 are packs of 5 and 4
+        bounds = [round(j * len(members) / n_chunks) for j in range(n_chunks + 1)]
+        chunks = [members[a:b] for a, b in zip(bounds, bounds[1:])]
+        for chunk in chunks:
+            if len(chunk) > 1:
+                plan.append((chunk, None))
+            elif len(members) == 1 and largest and largest is not members:
+                diff = differing_keys(configs[chunk[0]], configs[largest[0]])
+                alone[chunk[0]] = f"no other job agrees with it on {', '.join(diff[:4])}"
+            else:
+                alone[chunk[0]] = ("left over after packs of hydra.launcher.size" if len(members) > 1
+                                   else "the only job of the sweep")
+    plan += [([i], why) for i, why in alone.items()]
+    return sorted(plan, key=lambda entry: entry[0][0])
