@@ -27,6 +27,7 @@ def test_wheel_ships_packages_and_configs_and_finds_them_when_installed(tmp_path
     configs = {str(p.relative_to(config_dir())) for p in config_dir().rglob("*.yaml")}
     assert configs and all(f"sam_repro/conf/{c}" in names for c in configs)
     assert "sam_repro/report/paper_tables.csv" in names
+    assert "hydra_plugins/sam_repro_pack_launcher/pack_launcher.py" in names  # hydra/launcher=pack
 
     site = tmp_path / "site"
     install = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site),
