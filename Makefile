@@ -49,9 +49,10 @@ smoke: install ## a 20-second CPU training run on synthetic data (writes runs/sm
 bench: install ## CPU benchmark of one training step: SGD vs fused SAM vs a per-parameter-loop SAM
 	$(PY) scripts/bench_step.py --device cpu
 
-bench-gpu: ## GPU benchmarks (step and end-to-end engine); run on a GPU machine, results to results/bench/
+bench-gpu: ## GPU benchmarks (step, end-to-end engine, packed runs); run on a GPU machine, results to results/bench/
 	python3 scripts/bench_step.py --device cuda --suite gpu --out $(BENCH_OUT)
 	python3 scripts/bench_engine.py --device cuda --out $(BENCH_OUT)
+	python3 scripts/bench_pack.py --device cuda --out $(BENCH_OUT)
 
 clean: ## remove the virtual environment and caches (keeps runs/ and results/)
 	rm -rf $(VENV) .pytest_cache build *.egg-info mutants

@@ -4,6 +4,7 @@
 #   device run: source .devcarry/gpu_setup.sh && bash scripts/gpu_check.sh     (carry [".devcarry"])
 # Writes everything under $OUT (the device tool brings it back) or results/bench/gpu-<date>.
 # Then copy $OUT/*.jsonl into results/bench/ and the run logs under $OUT/runs into results/runs/.
+# Table 4 (issue 9) is its own device call of about 10 minutes: scripts/gpu_table4.sh.
 set -uo pipefail
 OUT=${OUT:-results/bench/gpu-$(date +%Y%m%d)}
 mkdir -p "$OUT"
@@ -17,6 +18,8 @@ python3 -m pytest -q -p no:cacheprovider tests/test_sam.py tests/test_loaders.py
 # 2. Step and end-to-end benchmarks (issue 2 and 3 targets), side by side in one process each.
 timeout 420 python3 scripts/bench_step.py --device cuda --suite gpu --out "$OUT"   # + per-device rows (issue 8)
 timeout 180 python3 scripts/bench_engine.py --device cuda --out "$OUT"
+# packed runs (issue 9): packs of 1, 8, 16 ResNet-32 against as many solo runs, with a profile of the pack of 16
+timeout 180 python3 scripts/bench_pack.py --device cuda --sizes 1,8,16 --steps 10 --out "$OUT" --profile "$OUT"
 
 # 3. A short real-data run per optimizer on the JPEG CIFAR-10 (a budget run: labelled as such).
 if [[ -n "${SAM_CIFAR10_JPEG:-}" ]]; then
