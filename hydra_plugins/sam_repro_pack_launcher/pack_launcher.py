@@ -37,7 +37,9 @@ class PackLauncher(Launcher):
     """Configured by configs/hydra/launcher/pack.yaml (`size`: members per pack at most)."""
 
     def __init__(self, size: int = 8) -> None:
-        self.size = int(size)
+        if not isinstance(size, int) or size < 1:
+            raise ValueError(f"hydra.launcher.size={size!r}: the most members per pack, an integer >= 1")
+        self.size = size
         self.config: Optional[DictConfig] = None
         self.task_function: Optional[TaskFunction] = None
         self.hydra_context: Optional[HydraContext] = None
