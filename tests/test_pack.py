@@ -209,12 +209,15 @@ def test_plan_packs_groups_by_shape_and_says_why_a_job_runs_alone() -> None:
     jobs = [compose_config(base + ["seed=0"]), compose_config(base + ["seed=1", "optim.rho=0.3"]),
             compose_config(base + ["seed=0", "model.name=wrn16_1"]), compose_config(tiny("sgd") + ["seed=0"]),
             compose_config(tiny("sgd") + ["seed=1", "sched=step"]), compose_config(base + ["engine.ddp=true"]),
-            None, compose_config(base + ["seed=2", "dataset.label_noise=0.6"])]
+            None, compose_config(base + ["seed=2", "dataset.label_noise=0.6"]),
+            compose_config(["experiment=t3_flowers102_efficientnet_b7", "seed=0"]),
+            compose_config(["experiment=t3_flowers102_efficientnet_b7", "seed=1"])]
     plan = dict((tuple(members), why) for members, why in plan_packs(jobs, size=8))
     assert plan[(0, 1, 7)] is None and plan[(3, 4)] is None  # rho, noise, schedule: per member
     assert "model.name" in plan[(2,)]
     assert "ddp" in plan[(5,)]
     assert plan[(6,)] is not None
+    assert "file-backed" in plan[(8,)] and "file-backed" in plan[(9,)]  # finetuning on JPEG files: alone
     seeds = [compose_config(base + [f"seed={s}"]) for s in range(9)]
     assert sorted(len(m) for m, _ in plan_packs(seeds, size=8)) == [4, 5]  # balanced, not 8 + a lone job
     assert sorted(len(m) for m, _ in plan_packs(seeds[:5], size=2)) == [1, 2, 2]

@@ -68,6 +68,12 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def _file_backed(dataset: str) -> bool:
+    from sam_repro.data import DATASETS
+
+    return dataset in DATASETS and DATASETS[dataset].files
+
+
 def _why_solo(cfg: DictConfig) -> Optional[str]:
     """Why this run cannot be packed at all (None: it can)."""
     engine = cfg.engine
@@ -76,8 +82,8 @@ def _why_solo(cfg: DictConfig) -> Optional[str]:
         "precision=fp16: its loss scaling is per run": engine.precision == "fp16",
         "optim.sync_perturbation=true: one perturbation over all devices is not a per-member step":
             cfg.optim.sync_perturbation,
-        "file-backed data (engine.loader=files): packing needs the device-resident loader":
-            cfg.engine.loader == "files" or cfg.dataset.name in ("imagenet",),
+        "file-backed data (ImageNet, the finetuning sets): each member would decode its own JPEGs":
+            cfg.engine.loader == "files" or (cfg.dataset.source != "synthetic" and _file_backed(cfg.dataset.name)),
     }
     return next((why for why, applies in reasons.items() if applies), None)
 
