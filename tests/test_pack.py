@@ -279,3 +279,29 @@ def test_gpu_table4_script_trains_the_eight_runs_as_two_packs_and_archives_them(
     assert not any(n.endswith("checkpoint.pt") for n in names)
     assert all(n.startswith("budget_cpu_cifar10jpeg_table4_test") for n in names)
     assert sorted(p.name for p in out.iterdir()) == ["gpu.txt", "table4.log", "table4_runs.tar.gz"]
+
+
+@pytest.mark.parametrize("family", ["pyramidnet_shakedrop", "shakeshake"])
+def test_other_model_families_pack_like_their_solo_runs(tmp_path: Path, monkeypatch, family: str) -> None:
+    """Not only ResNets: a PyramidNet with ShakeDrop (its drop probability at 0, so that both sides are
+    deterministic) and a Shake-Shake net (its branch coefficients drawn per member by the pack) train
+    in a pack; the PyramidNet members equal their solo runs in float64."""
+    import sam_repro.engine.loop as loop
+    from sam_repro.models.pyramidnet import PyramidNet
+    from sam_repro.models.shakeshake import ShakeShakeResNet
+
+    def small(cfg, num_classes: int, in_chans: int) -> torch.nn.Module:
+        if family == "shakeshake":
+            return ShakeShakeResNet(blocks_per_group=1, base_width=4, num_classes=num_classes, in_chans=in_chans)
+        return PyramidNet(depth=11, alpha=12, num_classes=num_classes, in_chans=in_chans, max_drop=0.0)
+
+    monkeypatch.setattr(loop, "create_model_from_config", small)
+    cfgs = [compose_config(tiny("sam", extra=("dataset.image_size=8", "dataset.train_size=64", f"seed={s}",
+                                              f"optim.rho={0.05 * (s + 1)}"))) for s in (0, 1)]
+    assert fit_pack([(cfg, tmp_path / f"pack{i}") for i, cfg in enumerate(cfgs)]) == [0, 0]
+    for i, cfg in enumerate(cfgs):
+        history = rows(tmp_path / f"pack{i}")
+        assert len(history) == 2 and all(torch.isfinite(torch.tensor(r["train_loss"])) for r in history)
+        if family == "pyramidnet_shakedrop":
+            fit(cfg, tmp_path / f"solo{i}")
+            assert worst_relative_gap(tmp_path / f"solo{i}", tmp_path / f"pack{i}") < 1e-5
