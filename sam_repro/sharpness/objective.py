@@ -12,14 +12,16 @@ running statistics, so nothing is updated): the loss then depends on the batch, 
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import dataclass
 from typing import Callable, Dict, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, jvp
+from torch.func import functional_call
 
-Params = Tuple[Tensor, ...]
+from sam_repro.sharpness.hvp import DEFAULT_GRAPH_BUDGET, DEFAULT_HVP, BatchLoss, Params, make_hvp
+
 BN_MODES = ("eval", "train")
 DTYPES: Dict[str, torch.dtype] = {"fp32": torch.float32, "fp64": torch.float64}
 
@@ -113,17 +115,16 @@ class Objective:
         return loss + float(self.l2_term(params)), 100.0 * wrong / self.n
 
     # -- derivatives ------------------------------------------------------------------------------
-    def hvp(self, v: Sequence[Tensor]) -> Params:
-        """H v at w: forward-over-reverse (jvp of grad), summed over the mini-batches."""
-        v = tuple(v)
-        out = None
-        for xb, yb, w in self.batches():
-            g = grad(lambda p: self.data_loss(p, xb, yb))
-            _, hv = jvp(lambda p: g(p), (self.params,), (v,))
-            out = [w * h for h in hv] if out is None else [o.add_(h, alpha=w) for o, h in zip(out, hv)]
-        if self.l2:  # the Hessian of 0.5 * l2 * ||w||^2 is l2 * I on the decayed parameters
-            out = [o.add_(vi, alpha=self.l2) if on else o for o, vi, on in zip(out, v, self.l2_mask)]
-        return tuple(out)
+    def batch_losses(self) -> list[tuple[BatchLoss, float]]:
+        """(params -> data loss of one mini-batch, its weight) for every mini-batch of the subset."""
+        return [(functools.partial(self._batch_data_loss, xb, yb), w) for xb, yb, w in self.batches()]
+
+    def _batch_data_loss(self, x: Tensor, y: Tensor, params: Sequence[Tensor]) -> Tensor:
+        return self.data_loss(params, x, y)
+
+    def hvp(self, v: Sequence[Tensor], mode: str = DEFAULT_HVP) -> Params:
+        """One H v at w on parameter tuples (no graph kept for a next call: use `flat_hvp` for many)."""
+        return self.flat_hvp(mode, graph_budget=0).params(v)
 
     # -- flat vectors (what the eigen-solvers work on) ----------------------------------------------
     def flatten(self, tensors: Sequence[Tensor]) -> Tensor:
@@ -136,6 +137,29 @@ class Objective:
             at += p.numel()
         return tuple(out)
 
-    def flat_hvp(self) -> Callable[[Tensor], Tensor]:
-        """v -> H v on flat vectors of length `dim`."""
-        return lambda v: self.flatten(self.hvp(self.unflatten(v)))
+    def flat_hvp(self, mode: str = DEFAULT_HVP, graph_budget: int = DEFAULT_GRAPH_BUDGET) -> "HessianOperator":
+        """v -> H v at w on flat vectors of length `dim` (mini-batches summed, the L2 term added),
+        by the HVP `mode` (a key of hvp.HVP_MODES). Gradient graphs kept within `graph_budget`
+        bytes live as long as the returned operator."""
+        return HessianOperator(self, make_hvp(mode, self.batch_losses(), self.params, graph_budget))
+
+
+class HessianOperator:
+    """H of an Objective as an operator: `op(v)` on flat vectors (what the eigen-solvers take),
+    `op.params(v)` on parameter tuples; `op.stats()` says how the products were computed."""
+
+    def __init__(self, obj: Objective, products: Callable[[Sequence[Tensor]], Params]) -> None:
+        self.obj, self.products = obj, products
+
+    def params(self, v: Sequence[Tensor]) -> Params:
+        v = tuple(v)
+        out = list(self.products(v))
+        if self.obj.l2:  # the Hessian of 0.5 * l2 * ||w||^2 is l2 * I on the decayed parameters
+            out = [o.add(vi, alpha=self.obj.l2) if on else o for o, vi, on in zip(out, v, self.obj.l2_mask)]
+        return tuple(out)
+
+    def __call__(self, v: Tensor) -> Tensor:
+        return self.obj.flatten(self.params(self.obj.unflatten(v)))
+
+    def stats(self) -> dict:
+        return self.products.stats()
