@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from sam_repro.sharpness import (HVP_MODES, Objective, filter_normalized_direction,
+from sam_repro.sharpness import (HVP_MODES, AffineBatchNorm, Objective, filter_normalized_direction,
                                  hutchinson_trace, interpolate, m_sharpness, make_hvp, prepare_model, slice_1d,
                                  slq_density, top_eigenvalues)
 
@@ -136,6 +136,26 @@ def test_reverse_hvp_keeps_the_graphs_that_fit_its_budget_and_recomputes_the_res
     for _ in range(2):
         assert torch.allclose(mv(v), expected, rtol=1e-12, atol=1e-14)
     assert mv.stats()["graphs_kept"] == kept
+
+
+def test_eval_batch_norm_is_rewritten_as_the_same_affine_map() -> None:
+    model, x, y = tiny_problem()
+    model.eval()
+    prepared = prepare_model(model, "eval", F64)
+    assert isinstance(prepared.bn, AffineBatchNorm)
+    assert dict(prepared.named_buffers()).keys() == dict(model.named_buffers()).keys()
+    assert [n for n, _ in prepared.named_parameters()] == [n for n, _ in model.named_parameters()]
+    native = model.double()
+    assert torch.allclose(prepared(x.double()), native(x.double()), rtol=1e-12, atol=1e-13)
+    # the same function of the same parameters, so the same Hessian (native kernel as the reference)
+    obj = Objective.build(prepared, x, y, batch_size=12)
+
+    def native_loss(flat: torch.Tensor) -> torch.Tensor:
+        params = dict(zip(obj.names, obj.unflatten(flat)))
+        logits = torch.func.functional_call(native, ({**dict(native.named_buffers()), **params},), (x.double(),))
+        return nn.functional.cross_entropy(logits, y)
+    assert torch.allclose(full_hessian(obj), torch.autograd.functional.hessian(native_loss, obj.flatten(obj.params)),
+                          rtol=1e-10, atol=1e-12)
 
 
 def test_weight_decay_in_shifts_every_eigenvalue_by_wd() -> None:

@@ -14,12 +14,12 @@ from .hessian import Density, Lanczos, Trace, TopEigen, hutchinson_trace, lanczo
 from .hvp import DEFAULT_HVP, HVP_MODES, ForwardHVP, ReverseHVP, make_hvp
 from .landscape import filter_normalized_direction, interpolate, slice_1d, slice_2d
 from .msharpness import MSharpness, m_sharpness, m_sharpness_grid
-from .objective import BN_MODES, DTYPES, HessianOperator, Objective, prepare_model
+from .objective import BN_MODES, DTYPES, AffineBatchNorm, HessianOperator, Objective, prepare_model
 from .rundir import SHARPNESS_FILE, Run, RunDirError, load_run, train_subset
 
 __all__ = [
     "Density", "Lanczos", "Trace", "TopEigen", "hutchinson_trace", "lanczos", "slq_density", "top_eigenvalues",
-    "DEFAULT_HVP", "HVP_MODES", "ForwardHVP", "ReverseHVP", "make_hvp", "HessianOperator",
+    "DEFAULT_HVP", "HVP_MODES", "ForwardHVP", "ReverseHVP", "make_hvp", "AffineBatchNorm", "HessianOperator",
     "filter_normalized_direction", "interpolate", "slice_1d", "slice_2d", "MSharpness", "m_sharpness",
     "m_sharpness_grid", "BN_MODES", "DTYPES", "Objective", "prepare_model", "SHARPNESS_FILE", "Run",
     "RunDirError", "load_run", "train_subset",
