@@ -158,6 +158,17 @@ def test_eval_batch_norm_is_rewritten_as_the_same_affine_map() -> None:
                           rtol=1e-10, atol=1e-12)
 
 
+def test_batch_norm_subclasses_keep_their_own_forward() -> None:
+    class BatchNormAct(nn.BatchNorm2d):  # like timm's BatchNormAct2d: more than the affine map
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.relu(super().forward(x))
+
+    model, x, _ = tiny_problem()
+    model.bn = BatchNormAct(3)
+    prepared = prepare_model(model, "eval", F64)
+    assert type(prepared.bn) is BatchNormAct and (prepared(x.double()) == model.eval().double()(x.double())).all()
+
+
 def test_weight_decay_in_shifts_every_eigenvalue_by_wd() -> None:
     model, x, y = tiny_problem()
     out = Objective.build(prepare_model(model, "eval", F64), x, y, 12)

@@ -128,7 +128,7 @@ class ReverseHVP:
                 "graph_bytes": self.kept_bytes}
 
 
-# mode -> class(losses, params, graph_budget); the CLI's --hvp choices, the first is the default
+# mode -> class(losses, params, graph_budget): the CLI's --hvp choices
 HVP_MODES: Dict[str, type] = {"reverse": ReverseHVP, "forward": ForwardHVP}
 DEFAULT_HVP = "reverse"
 

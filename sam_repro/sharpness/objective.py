@@ -54,10 +54,16 @@ class AffineBatchNorm(nn.Module):
         return torch.addcmul(shift.view(shape), x, scale.view(shape))
 
 
+# exactly these classes: a subclass may do more in its forward (timm's BatchNormAct2d adds the
+# activation), and a module with hooks would lose them; those keep the native kernel
+_PLAIN_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
 def _affine_batch_norms_(module: nn.Module) -> None:
-    """Replace, in place, every BatchNorm that normalizes with running statistics in eval mode."""
+    """Replace, in place, every plain BatchNorm that normalizes with running statistics (eval mode)."""
     for name, child in module.named_children():
-        if isinstance(child, nn.modules.batchnorm._BatchNorm) and child.running_var is not None:
+        plain = type(child) in _PLAIN_BATCH_NORMS and not (child._forward_hooks or child._forward_pre_hooks)
+        if plain and child.running_var is not None:
             setattr(module, name, AffineBatchNorm(child))
         else:
             _affine_batch_norms_(child)
