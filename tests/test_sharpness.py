@@ -9,19 +9,20 @@ import math
 import pytest
 import torch
 from torch import nn
-from torch.func import grad, jvp
 
-from sam_repro.sharpness import (Objective, filter_normalized_direction, hutchinson_trace, interpolate,
-                                 m_sharpness, prepare_model, slice_1d, slq_density, top_eigenvalues)
+from sam_repro.sharpness import (HVP_MODES, AffineBatchNorm, Objective, filter_normalized_direction,
+                                 hutchinson_trace, interpolate, m_sharpness, make_hvp, prepare_model, slice_1d,
+                                 slq_density, top_eigenvalues)
 
 F64 = torch.float64
+MODES = list(HVP_MODES)
 
 
-def quadratic_hvp(a: torch.Tensor, w0: torch.Tensor):
-    """v -> H v of f(w) = 0.5 (w - w0)^T A (w - w0), by jvp of grad (as the instruments do)."""
-    f = lambda w: 0.5 * (w - w0) @ a @ (w - w0)
-    w = torch.zeros_like(w0)
-    return lambda v: jvp(grad(f), (w,), (v,))[1]
+def quadratic_hvp(a: torch.Tensor, w0: torch.Tensor, mode: str = "reverse"):
+    """v -> H v of f(w) = 0.5 (w - w0)^T A (w - w0), by the instruments' HVP `mode`."""
+    f = lambda ws: 0.5 * (ws[0] - w0) @ a @ (ws[0] - w0)
+    products = make_hvp(mode, [(f, 1.0)], (torch.zeros_like(w0),))
+    return lambda v: products((v,))[0]
 
 
 def known_spd(dim: int, eigenvalues: torch.Tensor, seed: int = 0) -> torch.Tensor:
@@ -29,21 +30,24 @@ def known_spd(dim: int, eigenvalues: torch.Tensor, seed: int = 0) -> torch.Tenso
     return q @ torch.diag(eigenvalues) @ q.T
 
 
-def test_quadratic_top_eigenvalues_are_exact() -> None:
+@pytest.mark.parametrize("mode", MODES)
+def test_quadratic_top_eigenvalues_are_exact(mode: str) -> None:
     lam = torch.cat([torch.tensor([50.0, 31.0, 17.5, 9.25, 4.0], dtype=F64), torch.linspace(-1, 2, 35, dtype=F64)])
     a = known_spd(40, lam)
-    mv = quadratic_hvp(a, torch.randn(40, dtype=F64))
+    mv = quadratic_hvp(a, torch.randn(40, dtype=F64), mode)
     top = top_eigenvalues(mv, 40, k=5, iters=40, tol=1e-12, seed=3, dtype=F64)
     assert top.values == pytest.approx([50.0, 31.0, 17.5, 9.25, 4.0], abs=1e-6)
     assert top.converged and max(top.residuals) < 1e-6
 
 
-def test_quadratic_trace_exact_on_a_diagonal_and_within_its_error_bar_otherwise() -> None:
+@pytest.mark.parametrize("mode", MODES)
+def test_quadratic_trace_exact_on_a_diagonal_and_within_its_error_bar_otherwise(mode: str) -> None:
     lam = torch.linspace(-3, 12, 30, dtype=F64)
     # Rademacher probes of a diagonal matrix all give the trace exactly: z^T D z = sum d_i
-    diag = hutchinson_trace(quadratic_hvp(torch.diag(lam), torch.zeros(30, dtype=F64)), 30, 20, 1e-3, 0, dtype=F64)
+    diag = hutchinson_trace(quadratic_hvp(torch.diag(lam), torch.zeros(30, dtype=F64), mode), 30, 20, 1e-3, 0,
+                            dtype=F64)
     assert diag.value == pytest.approx(float(lam.sum()), abs=1e-6) and diag.stderr < 1e-6
-    dense = hutchinson_trace(quadratic_hvp(known_spd(30, lam), torch.zeros(30, dtype=F64)), 30, 400, 1e-3, 0,
+    dense = hutchinson_trace(quadratic_hvp(known_spd(30, lam), torch.zeros(30, dtype=F64), mode), 30, 400, 1e-3, 0,
                              dtype=F64)
     assert abs(dense.value - float(lam.sum())) <= 3 * dense.stderr
     assert dense.probes == 400 and not dense.converged  # 0.1 % is out of reach: it says so
@@ -98,20 +102,71 @@ def full_hessian(obj: Objective) -> torch.Tensor:
     return torch.autograd.functional.hessian(loss, obj.flatten(obj.params).clone())
 
 
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("bn_mode, l2", [("eval", 0.0), ("eval", 5e-3), ("train", 0.0)])
-def test_small_network_matches_the_full_hessian(bn_mode: str, l2: float) -> None:
+def test_small_network_matches_the_full_hessian(bn_mode: str, l2: float, mode: str) -> None:
     model, x, y = tiny_problem()
     obj = Objective.build(prepare_model(model, bn_mode, F64), x, y, batch_size=4, l2=l2)
     h = full_hessian(obj)
     assert torch.allclose(h, h.T, atol=1e-10)
     v = torch.randn(obj.dim, dtype=F64, generator=torch.Generator().manual_seed(1))
-    assert torch.allclose(obj.flat_hvp()(v), h @ v, rtol=1e-9, atol=1e-10)
+    mv = obj.flat_hvp(mode)
+    assert torch.allclose(mv(v), h @ v, rtol=1e-9, atol=1e-10)
+    assert torch.allclose(mv(v), h @ v, rtol=1e-9, atol=1e-10)  # again: from kept graphs in reverse mode
+    assert mv.stats()["mode"] == mode and mv.stats()["batches"] == 3
     exact = torch.linalg.eigvalsh(h).flip(0)
-    top = top_eigenvalues(obj.flat_hvp(), obj.dim, k=5, iters=obj.dim, tol=1e-9, seed=0, dtype=F64)
+    top = top_eigenvalues(mv, obj.dim, k=5, iters=obj.dim, tol=1e-9, seed=0, dtype=F64)
     for ours, ref in zip(top.values, exact[:5].tolist()):
         assert ours == pytest.approx(ref, rel=1e-4)
-    trace = hutchinson_trace(obj.flat_hvp(), obj.dim, 30, 1e-4, 0, dtype=F64)
+    trace = hutchinson_trace(mv, obj.dim, 30, 1e-4, 0, dtype=F64)
     assert abs(trace.value - float(torch.trace(h))) <= 4 * trace.stderr
+
+
+@pytest.mark.parametrize("budget_batches, kept", [(0, 0), (1, 1), (3, 3)])
+def test_reverse_hvp_keeps_the_graphs_that_fit_its_budget_and_recomputes_the_rest(budget_batches: int,
+                                                                                   kept: int) -> None:
+    model, x, y = tiny_problem()
+    obj = Objective.build(prepare_model(model, "eval", F64), x, y, batch_size=4)
+    v = torch.randn(obj.dim, dtype=F64, generator=torch.Generator().manual_seed(2))
+    one = obj.flat_hvp("reverse", graph_budget=10 ** 9)
+    expected = one(v)
+    per_batch = one.stats()["graph_bytes"] / 3
+    assert per_batch > 0
+    mv = obj.flat_hvp("reverse", graph_budget=int(per_batch * budget_batches * 1.01))
+    for _ in range(2):
+        assert torch.allclose(mv(v), expected, rtol=1e-12, atol=1e-14)
+    assert mv.stats()["graphs_kept"] == kept
+
+
+def test_eval_batch_norm_is_rewritten_as_the_same_affine_map() -> None:
+    model, x, y = tiny_problem()
+    model.eval()
+    prepared = prepare_model(model, "eval", F64)
+    assert isinstance(prepared.bn, AffineBatchNorm)
+    assert dict(prepared.named_buffers()).keys() == dict(model.named_buffers()).keys()
+    assert [n for n, _ in prepared.named_parameters()] == [n for n, _ in model.named_parameters()]
+    native = model.double()
+    assert torch.allclose(prepared(x.double()), native(x.double()), rtol=1e-12, atol=1e-13)
+    # the same function of the same parameters, so the same Hessian (native kernel as the reference)
+    obj = Objective.build(prepared, x, y, batch_size=12)
+
+    def native_loss(flat: torch.Tensor) -> torch.Tensor:
+        params = dict(zip(obj.names, obj.unflatten(flat)))
+        logits = torch.func.functional_call(native, ({**dict(native.named_buffers()), **params},), (x.double(),))
+        return nn.functional.cross_entropy(logits, y)
+    assert torch.allclose(full_hessian(obj), torch.autograd.functional.hessian(native_loss, obj.flatten(obj.params)),
+                          rtol=1e-10, atol=1e-12)
+
+
+def test_batch_norm_subclasses_keep_their_own_forward() -> None:
+    class BatchNormAct(nn.BatchNorm2d):  # like timm's BatchNormAct2d: more than the affine map
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return torch.relu(super().forward(x))
+
+    model, x, _ = tiny_problem()
+    model.bn = BatchNormAct(3)
+    prepared = prepare_model(model, "eval", F64)
+    assert type(prepared.bn) is BatchNormAct and (prepared(x.double()) == model.eval().double()(x.double())).all()
 
 
 def test_weight_decay_in_shifts_every_eigenvalue_by_wd() -> None:

@@ -56,6 +56,8 @@ def test_measure_two_runs_interpolate_and_report(tmp_path: Path, capsys) -> None
         doc = json.loads((run / "sharpness.json").read_text())
         assert doc["setup"]["subset"] == 16 and doc["setup"]["bn_mode"] == "eval"
         assert doc["setup"]["weight_decay"]["in_loss"] is False and doc["setup"]["dtype"] == "fp32"
+        assert doc["setup"]["hvp"] == "reverse" and doc["hessian"]["hvp"]["mode"] == "reverse"
+        assert doc["hessian"]["hvp"]["graphs_kept"] == doc["hessian"]["hvp"]["batches"] == 1
         top = doc["hessian"]["top_eigenvalues"]
         assert len(top["values"]) == 5 and top["values"] == sorted(top["values"], reverse=True)
         assert doc["hessian"]["lambda_max"] == top["values"][0] and len(top["residuals"]) == 5
@@ -68,3 +70,18 @@ def test_measure_two_runs_interpolate_and_report(tmp_path: Path, capsys) -> None
     report = generate(root, tmp_path / "tables")
     assert report.sharpness is not None and report.sharpness.display.empty
     assert (tmp_path / "tables" / "sharpness.md").is_file()
+
+
+@pytest.mark.parametrize("mode", ["forward", "reverse"])
+def test_hvp_mode_and_kept_graphs_are_recorded(tmp_path: Path, mode: str) -> None:
+    run = make_run_dir(tmp_path / "run")
+    assert main([str(run), *FAST, "--parts", "hessian", "--hvp", mode, "--graph-memory", "0"]) == 0
+    doc = json.loads((run / "sharpness.json").read_text())
+    assert doc["setup"]["hvp"] == mode and doc["hessian"]["hvp"]["mode"] == mode
+    assert doc["hessian"]["hvp"]["graphs_kept"] == 0  # a budget of 0 keeps nothing: recomputed per product
+
+
+def test_negative_graph_memory_exits_2(tmp_path: Path, capsys) -> None:
+    run = make_run_dir(tmp_path / "run")
+    assert main([str(run), *FAST, "--graph-memory", "-1"]) == 2
+    assert "--graph-memory -1 must be >= 0" in one_error_line(capsys)

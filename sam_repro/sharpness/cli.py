@@ -4,6 +4,7 @@
     sam-sharpness SGD_RUN SAM_RUN --interpolate            # ... and the linear path between the two
     sam-sharpness --runs results/runs --missing-only       # every run below a root that lacks it
     sam-sharpness RUN --parts hessian --subset 256 --dtype fp64 --bn train --weight-decay in
+    sam-sharpness RUN --parts hessian --hvp forward --graph-memory 0      # jvp-of-grad HVPs, nothing kept
 
 What is measured, and how, is written beside the numbers (docs/sharpness.md): the training split,
 a fixed subset (--subset, --seed), no augmentation, BatchNorm in eval mode unless --bn train, the
@@ -26,6 +27,7 @@ import torch
 
 from sam_repro.engine.checkpoint import CHECKPOINT, write_json
 from sam_repro.sharpness import hessian, landscape, msharpness
+from sam_repro.sharpness.hvp import DEFAULT_GRAPH_BUDGET, DEFAULT_HVP, HVP_MODES
 from sam_repro.sharpness.objective import BN_MODES, DTYPES, Objective, prepare_model
 from sam_repro.sharpness.rundir import SHARPNESS_FILE, Run, RunDirError, load_run, read_summary, train_subset
 
@@ -64,6 +66,12 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--data-root", help="where the run's dataset is now (overrides dataset.root)")
     d.add_argument("--threads", type=int, help="torch CPU threads")
     h = p.add_argument_group("hessian")
+    h.add_argument("--hvp", choices=list(HVP_MODES), default=DEFAULT_HVP, help="Hessian-vector products: "
+                   "reverse (double backward, each batch's gradient graph kept across products within "
+                   "--graph-memory; default: the faster on the CPU) or forward (jvp of grad, recomputed)")
+    h.add_argument("--graph-memory", type=float, default=DEFAULT_GRAPH_BUDGET / 2 ** 30, help="GiB of gradient "
+                   "graphs --hvp reverse may keep (batches beyond it are recomputed per product; default "
+                   f"{DEFAULT_GRAPH_BUDGET / 2 ** 30:g})")
     h.add_argument("--top-k", type=int, default=5, help="top eigenvalues (default 5)")
     h.add_argument("--lanczos-iters", type=int, default=40, help="most Lanczos steps (default 40)")
     h.add_argument("--lanczos-tol", type=float, default=1e-3, help="stop when every top-k Ritz residual is below "
@@ -92,7 +100,7 @@ def _parser() -> argparse.ArgumentParser:
 # -- the parts: name -> function(objective, args) -> JSON block -------------------------------------
 def _hessian(obj: Objective, a: argparse.Namespace) -> dict[str, Any]:
     dtype, device = obj.params[0].dtype, obj.params[0].device
-    mv = obj.flat_hvp()
+    mv = obj.flat_hvp(a.hvp, int(a.graph_memory * 2 ** 30))
     top = hessian.top_eigenvalues(mv, obj.dim, a.top_k, a.lanczos_iters, a.lanczos_tol, a.seed, dtype, device)
     trace = hessian.hutchinson_trace(mv, obj.dim, a.trace_probes, a.trace_tol, a.seed, dtype=dtype, device=device)
     out: dict[str, Any] = {
@@ -105,6 +113,7 @@ def _hessian(obj: Objective, a: argparse.Namespace) -> dict[str, Any]:
     if a.density:
         out["density"] = hessian.slq_density(mv, obj.dim, a.density_probes, a.density_iters, a.seed,
                                              dtype=dtype, device=device).as_json()
+    out["hvp"] = mv.stats()  # mode, batches, how many gradient graphs were kept and their bytes
     return out
 
 
@@ -138,7 +147,7 @@ def _setup(run: Run, a: argparse.Namespace) -> dict[str, Any]:
     optim = run.cfg.optim
     return {
         "split": "train", "subset": a.subset, "seed": a.seed, "preprocessing": "normalized as at evaluation, no augmentation",
-        "bn_mode": a.bn, "dtype": a.dtype, "batch_size": a.batch_size,
+        "bn_mode": a.bn, "dtype": a.dtype, "batch_size": a.batch_size, "hvp": a.hvp,
         "loss": "mean cross-entropy" + (f" (label smoothing {optim.label_smoothing:g})" if optim.label_smoothing else ""),
         "weight_decay": {"in_loss": a.weight_decay == "in", "value": float(optim.weight_decay),
                          "on_bn_and_bias": bool(optim.wd_on_bn)},
@@ -241,6 +250,8 @@ def _check_args(a: argparse.Namespace, parts: list[str]) -> Optional[str]:
             return f"--ascent-steps {a.ascent_steps} must be >= 1 and every --rho > 0"
     if "hessian" in parts and a.top_k < 1:
         return f"--top-k {a.top_k} must be >= 1"
+    if a.graph_memory < 0:
+        return f"--graph-memory {a.graph_memory:g} must be >= 0 (GiB; 0 keeps no graph)"
     if a.interpolate and len(a.run_dirs) != 2:
         return f"--interpolate needs exactly two RUN_DIRs, got {len(a.run_dirs)}"
     if bool(a.runs) == bool(a.run_dirs):

@@ -58,28 +58,30 @@ def lanczos(matvec: MatVec, v0: Tensor, iters: int, check_every: int = 0,
 
     Stops after `iters` steps, at an invariant subspace (beta ~ 0), or when `converged(state)` is
     true at a check (every `check_every` steps). Memory: `iters` vectors of the size of v0."""
-    q = v0 / v0.norm()
-    basis = [q]
+    dim = v0.numel()
+    steps = min(iters, dim)
+    # the basis in one preallocated matrix: no copy of it per step (it is iters x dim)
+    basis = v0.new_empty(steps, dim)
+    basis[0] = v0 / v0.norm()
     alphas: list[float] = []
     betas: list[float] = []
-    dim = v0.numel()
-    for j in range(min(iters, dim)):
+    for j in range(steps):
+        q = basis[j]
         w = matvec(q)
         alpha = float(torch.dot(w, q))
         alphas.append(alpha)
-        qs = torch.stack(basis)
+        qs = basis[:j + 1]
         for _ in range(2):  # full reorthogonalization keeps the Ritz values free of ghost copies
             w = w - qs.T @ (qs @ w)
         beta = float(w.norm())
         betas.append(beta)
-        done = beta <= 1e-10 * max(1.0, abs(alpha)) or j + 1 == min(iters, dim)
+        done = beta <= 1e-10 * max(1.0, abs(alpha)) or j + 1 == steps
         if not done and converged is not None and check_every and (j + 1) % check_every == 0:
             vals, vecs = _tridiagonal_eigh(alphas, betas)
             done = converged(Lanczos(alphas, betas, vals, vecs))
         if done:
             break
-        q = w / beta
-        basis.append(q)
+        basis[j + 1] = w / beta
     vals, vecs = _tridiagonal_eigh(alphas, betas)
     return Lanczos(alphas, betas, vals, vecs)
 
@@ -116,7 +118,8 @@ def top_eigenvalues(matvec: MatVec, dim: int, k: int, iters: int, tol: float, se
         scale = max(float(state.ritz_values[-1].abs()), 1e-12)
         return bool((res <= tol * scale).all())
 
-    state = lanczos(matvec, v0, iters, check_every=max(1, k), converged=ok)
+    # checked after every step: the tridiagonal eigenproblem is tiny next to one HVP
+    state = lanczos(matvec, v0, iters, check_every=1, converged=ok)
     top = torch.argsort(state.ritz_values, descending=True)[:k]
     return TopEigen(values=[float(state.ritz_values[i]) for i in top],
                     residuals=[float(state.residuals[i]) for i in top],

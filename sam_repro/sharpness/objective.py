@@ -8,20 +8,65 @@ BatchNorm: in `eval` mode (default) the running statistics normalize, so the los
 the mean of per-example losses and does not depend on how the subset is cut into mini-batches.
 In `train` mode each forward normalizes with its own batch statistics (a BatchNorm without
 running statistics, so nothing is updated): the loss then depends on the batch, as in training.
+In eval mode every BatchNorm is rewritten as the per-channel affine map it then is
+(`AffineBatchNorm`, same parameters and buffers): the same function, whose second derivatives
+cost less than those of the generic batch-norm kernel (about 20 % of a ResNet-20 HVP on the CPU).
 """
 from __future__ import annotations
 
 import copy
+import functools
 from dataclasses import dataclass
 from typing import Callable, Dict, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, jvp
+from torch.func import functional_call
 
-Params = Tuple[Tensor, ...]
+from sam_repro.sharpness.hvp import DEFAULT_GRAPH_BUDGET, DEFAULT_HVP, BatchLoss, Params, make_hvp
+
 BN_MODES = ("eval", "train")
 DTYPES: Dict[str, torch.dtype] = {"fp32": torch.float32, "fp64": torch.float64}
+
+
+class AffineBatchNorm(nn.Module):
+    """An eval-mode BatchNorm as x * scale + shift, scale = weight / sqrt(running_var + eps),
+    shift = bias - running_mean * scale: the same function of the same parameters and buffers
+    (names kept, so checkpoints, functional_call and interpolation see no difference)."""
+
+    def __init__(self, bn: nn.modules.batchnorm._BatchNorm) -> None:
+        super().__init__()
+        for name, p in bn.named_parameters(recurse=False):
+            self.register_parameter(name, p)
+        for name, b in bn.named_buffers(recurse=False):
+            self.register_buffer(name, b)
+        self.eps = bn.eps
+        self.affine = bn.affine
+
+    def forward(self, x: Tensor) -> Tensor:
+        scale = torch.rsqrt(self.running_var + self.eps)
+        if self.affine:
+            scale = scale * self.weight
+        shift = -self.running_mean * scale
+        if self.affine:
+            shift = shift + self.bias
+        shape = (1, -1) + (1,) * (x.ndim - 2)
+        return torch.addcmul(shift.view(shape), x, scale.view(shape))
+
+
+# exactly these classes: a subclass may do more in its forward (timm's BatchNormAct2d adds the
+# activation), and a module with hooks would lose them; those keep the native kernel
+_PLAIN_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+def _affine_batch_norms_(module: nn.Module) -> None:
+    """Replace, in place, every plain BatchNorm that normalizes with running statistics (eval mode)."""
+    for name, child in module.named_children():
+        plain = type(child) in _PLAIN_BATCH_NORMS and not (child._forward_hooks or child._forward_pre_hooks)
+        if plain and child.running_var is not None:
+            setattr(module, name, AffineBatchNorm(child))
+        else:
+            _affine_batch_norms_(child)
 
 
 def prepare_model(model: nn.Module, bn_mode: str, dtype: torch.dtype) -> nn.Module:
@@ -36,6 +81,7 @@ def prepare_model(model: nn.Module, bn_mode: str, dtype: torch.dtype) -> nn.Modu
         model.train()
     else:
         model.eval()
+        _affine_batch_norms_(model)
     return model
 
 
@@ -113,17 +159,16 @@ class Objective:
         return loss + float(self.l2_term(params)), 100.0 * wrong / self.n
 
     # -- derivatives ------------------------------------------------------------------------------
-    def hvp(self, v: Sequence[Tensor]) -> Params:
-        """H v at w: forward-over-reverse (jvp of grad), summed over the mini-batches."""
-        v = tuple(v)
-        out = None
-        for xb, yb, w in self.batches():
-            g = grad(lambda p: self.data_loss(p, xb, yb))
-            _, hv = jvp(lambda p: g(p), (self.params,), (v,))
-            out = [w * h for h in hv] if out is None else [o.add_(h, alpha=w) for o, h in zip(out, hv)]
-        if self.l2:  # the Hessian of 0.5 * l2 * ||w||^2 is l2 * I on the decayed parameters
-            out = [o.add_(vi, alpha=self.l2) if on else o for o, vi, on in zip(out, v, self.l2_mask)]
-        return tuple(out)
+    def batch_losses(self) -> list[tuple[BatchLoss, float]]:
+        """(params -> data loss of one mini-batch, its weight) for every mini-batch of the subset."""
+        return [(functools.partial(self._batch_data_loss, xb, yb), w) for xb, yb, w in self.batches()]
+
+    def _batch_data_loss(self, x: Tensor, y: Tensor, params: Sequence[Tensor]) -> Tensor:
+        return self.data_loss(params, x, y)
+
+    def hvp(self, v: Sequence[Tensor], mode: str = DEFAULT_HVP) -> Params:
+        """One H v at w on parameter tuples (no graph kept for a next call: use `flat_hvp` for many)."""
+        return self.flat_hvp(mode, graph_budget=0).params(v)
 
     # -- flat vectors (what the eigen-solvers work on) ----------------------------------------------
     def flatten(self, tensors: Sequence[Tensor]) -> Tensor:
@@ -136,6 +181,29 @@ class Objective:
             at += p.numel()
         return tuple(out)
 
-    def flat_hvp(self) -> Callable[[Tensor], Tensor]:
-        """v -> H v on flat vectors of length `dim`."""
-        return lambda v: self.flatten(self.hvp(self.unflatten(v)))
+    def flat_hvp(self, mode: str = DEFAULT_HVP, graph_budget: int = DEFAULT_GRAPH_BUDGET) -> "HessianOperator":
+        """v -> H v at w on flat vectors of length `dim` (mini-batches summed, the L2 term added),
+        by the HVP `mode` (a key of hvp.HVP_MODES). Gradient graphs kept within `graph_budget`
+        bytes live as long as the returned operator."""
+        return HessianOperator(self, make_hvp(mode, self.batch_losses(), self.params, graph_budget))
+
+
+class HessianOperator:
+    """H of an Objective as an operator: `op(v)` on flat vectors (what the eigen-solvers take),
+    `op.params(v)` on parameter tuples; `op.stats()` says how the products were computed."""
+
+    def __init__(self, obj: Objective, products: Callable[[Sequence[Tensor]], Params]) -> None:
+        self.obj, self.products = obj, products
+
+    def params(self, v: Sequence[Tensor]) -> Params:
+        v = tuple(v)
+        out = list(self.products(v))
+        if self.obj.l2:  # the Hessian of 0.5 * l2 * ||w||^2 is l2 * I on the decayed parameters
+            out = [o.add(vi, alpha=self.obj.l2) if on else o for o, vi, on in zip(out, v, self.obj.l2_mask)]
+        return tuple(out)
+
+    def __call__(self, v: Tensor) -> Tensor:
+        return self.obj.flatten(self.params(self.obj.unflatten(v)))
+
+    def stats(self) -> dict:
+        return self.products.stats()
