@@ -43,7 +43,7 @@ def compose(overrides: list[str]):
 
 def run_configs(args: argparse.Namespace, optim: str, n: int) -> list:
     """n runs of Table 4's shape that differ as a sweep's do (seed, noise rate, rho)."""
-    base = ["dataset=synthetic", "dataset.image_size=32", f"dataset.train_size={args.batch * 4}",
+    base = ["dataset=synthetic", "dataset.image_size=32", f"dataset.train_size={args.batch * (args.warmup + args.steps)}",
             "dataset.test_size=256", f"model.name={args.model}", f"batch_size={args.batch}",
             f"device_batch={args.device_batch}", f"optim={optim}", f"engine.device={args.device}",
             f"engine.precision={args.precision}", "engine.progress=false", "epochs=1"]
