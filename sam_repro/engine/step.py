@@ -230,14 +230,18 @@ class TrainStep(FunctionalPasses):
 
     def _loss_scale(self) -> float | Tensor:
         # gradients carry the loss scale under fp16; the L2 term must too
-        return 1.0 if self.scaler is None else self.scaler._scale
+        if self.scaler is None:
+            return 1.0
+        if self.scaler._scale is None:  # the scaler creates its scale at its first scale() call
+            self.scaler.scale(torch.ones((), device=self.device))
+        return self.scaler._scale
 
     def _add_l2(self, grad: Tensor, weight: Tensor, l2: float) -> None:
         """grad += l2 * weight, in the loss scale of the gradients."""
         if self.scaler is None:
             grad.add_(weight, alpha=l2)
         else:
-            grad.add_(weight * (self.scaler._scale * l2))
+            grad.add_(weight * (self._loss_scale() * l2))
 
     @torch.no_grad()
     def _add_l2_gradient(self) -> None:
@@ -251,7 +255,7 @@ class TrainStep(FunctionalPasses):
             if self.scaler is None:
                 torch._foreach_add_(grads, params, alpha=l2)
             else:
-                torch._foreach_add_(grads, torch._foreach_mul(params, self.scaler._scale * l2))
+                torch._foreach_add_(grads, torch._foreach_mul(params, self._loss_scale() * l2))
 
     def group_size(self, n: int) -> int:
         """Examples per group for a batch of n (see `group_size`)."""
@@ -273,7 +277,7 @@ class TrainStep(FunctionalPasses):
             # set by first_step (one device) or grouped_perturbation (means over the devices)
             grad_norm, e_norm = self.sam.last_grad_norm, self.sam.last_perturbation_norm
             if self.scaler is not None:  # the gradients carry the loss scale (e does not)
-                grad_norm = grad_norm / self.scaler._scale.to(grad_norm.device)
+                grad_norm = grad_norm / self._loss_scale().to(grad_norm.device)
         return StepStats(loss_sum=loss_sum, correct=correct, count=int(y.shape[0]),
                          grad_norm=grad_norm, perturbation_norm=e_norm)
 
