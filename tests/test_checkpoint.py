@@ -144,3 +144,12 @@ def test_write_json_refuses_nan_instead_of_writing_invalid_json(tmp_path: Path) 
     else:
         raise AssertionError("NaN must not reach metrics.json")
     assert not (tmp_path / "m.json").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_load_checkpoint_puts_tensors_where_map_location_says(tmp_path: Path) -> None:
+    """resume loads onto the run's device: map_location must reach torch.load ('meta' stands in
+    for a GPU here: a device other than the one the checkpoint was saved from)."""
+    save_checkpoint(tmp_path, old_state())
+    assert load_checkpoint(tmp_path)["model"]["w"].device.type == "cpu"
+    got = load_checkpoint(tmp_path, map_location="meta")
+    assert got["model"]["w"].device.type == "meta" and got["model"]["w"].shape == (1000,)
