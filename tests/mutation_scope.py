@@ -31,7 +31,8 @@ SCOPE: dict[str, tuple[str, ...]] = {
     "sam_repro.engine.schedule": ("tests/test_schedule.py",),
     "sam_repro.engine.checkpoint": ("tests/test_checkpoint.py",),
     "sam_repro.data.noise": ("tests/test_label_noise.py", "tests/test_data_sources.py"),
-    "sam_repro.data.augment": ("tests/test_augment.py", "tests/test_augment_draws.py", "tests/test_loaders.py"),
+    "sam_repro.data.augment": (
+        "tests/test_augment.py", "tests/test_augment_draws.py", "tests/test_loaders.py", "tests/test_finetune.py"),
     "sam_repro.report": ("tests/test_report_*.py", "tests/test_results.py"),
     "sam_repro.validate": ("tests/test_validate.py", "tests/test_configs.py"),
     "sam_repro.runlog": ("tests/test_runlog.py",),
