@@ -16,6 +16,7 @@ from typing import Any
 
 import pytest
 import torch
+from omegaconf import OmegaConf
 
 from sam_repro import runlog
 from sam_repro.runlog import RunLog, cpu_name, environment, flat_config, git_state, summary_block
@@ -164,6 +165,7 @@ def test_flat_config_is_the_documented_block(overrides: list[str], world: int) -
     }
     got = flat_config(cfg, "bf16", world)
     assert got == want
+    assert type(got["device_batch"]) is int  # metrics.json says 64, not 64.0
     json.dumps(got, allow_nan=False)  # what metrics.json can hold: p = inf is the string "inf"
 
 
@@ -177,6 +179,37 @@ def test_git_state_is_the_checkouts_head_and_dirty_flag(tmp_path: Path, monkeypa
     assert git_state() == (head.stdout.strip(), dirty)
     monkeypatch.setattr(runlog, "__file__", str(tmp_path / "runlog.py"))  # a copy outside any checkout
     assert git_state() == (None, None)
+
+
+def test_git_state_dirty_means_a_tracked_file_changed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In a checkout of our own: clean, then an untracked file (still clean), then a modified tracked file."""
+    repo = tmp_path / "checkout"
+    (repo / "sam_repro").mkdir(parents=True)
+    code = repo / "sam_repro" / "runlog.py"
+    code.write_text("# tracked\n")
+    git = lambda *a: subprocess.run(["git", "-C", str(repo), *a], capture_output=True, text=True, check=True)  # noqa: E731
+    git("init", "-q")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "x")
+    sha = git("rev-parse", "HEAD").stdout.strip()
+    monkeypatch.setattr(runlog, "__file__", str(code))
+    assert git_state() == (sha, False)
+    (repo / "notes.txt").write_text("untracked")
+    assert git_state() == (sha, False)
+    code.write_text("# changed\n")
+    assert git_state() == (sha, True)
+
+
+def test_write_config_writes_the_resolved_config(tmp_path: Path) -> None:
+    cfg = OmegaConf.create({"a": {"lr": 0.1}, "b": "${a.lr}", "name": "x"})
+    new_log(tmp_path).write_config(cfg)
+    assert OmegaConf.to_container(OmegaConf.load(tmp_path / "config.yaml")) == {"a": {"lr": 0.1}, "b": 0.1, "name": "x"}
+
+
+def test_restore_writes_one_line_per_history_row(tmp_path: Path) -> None:
+    history = [row(1, 30.0), row(2, 20.0), row(3, 10.0)]
+    new_log(tmp_path).restore(history, started_at=None, wall_s=3.0)
+    assert (tmp_path / "metrics.jsonl").read_text() == "".join(json.dumps(r) + "\n" for r in history)
 
 
 def test_cpu_name_and_the_environment_block() -> None:
