@@ -29,12 +29,17 @@ test: install ## install, then run the whole test suite on the CPU
 test-fast: install ## the suite without the slow end-to-end tests
 	$(PY) -m pytest -q -m "not slow"
 
-# `make mutate MUTANTS='sam_repro.engine.schedule*'` runs one module; empty = every module in
-# [tool.mutmut] of pyproject.toml. Not part of `make test` (about 30 min or more on 2 cores).
-MUTANTS ?=
+# `make mutate` mutates the modules in MUTATE and re-tests each of their mutants (default: the ones
+# that fit in ~20 min on 2 cores; validate and the report take hours, docs/testing.md).
+# `make mutate MUTATE=sam_repro.validate` checks one module, `MUTATE=all` every module, and
+# `MUTATE=changed` re-tests only what changed since the last run. Not part of `make test`.
+MUTATE ?= sam_repro.optim sam_repro.engine.step sam_repro.engine.schedule sam_repro.engine.checkpoint \
+          sam_repro.data.noise sam_repro.data.augment sam_repro.runlog
+MUTATE_ARGS = $(if $(filter changed,$(MUTATE)),,$(foreach m,$(if $(filter all,$(MUTATE)),$(MUTATE_ALL),$(MUTATE)),"$(m).*"))
+MUTATE_ALL = sam_repro.optim sam_repro.engine sam_repro.data sam_repro.validate sam_repro.runlog sam_repro.report
 mutate: install ## mutation testing (mutmut) of the modules that decide numbers; summary to results/mutation/
 	$(PY) -c "import mutmut" 2>/dev/null || $(PY) -m pip install -q -e ".[dev,launchers,mutate]"
-	$(VENV)/bin/mutmut run $(MUTANTS)
+	set -o pipefail; OMP_NUM_THREADS=1 $(VENV)/bin/mutmut run --max-children 2 $(MUTATE_ARGS) | grep -av '^🎉'
 	$(PY) scripts/mutation_summary.py --out results/mutation --label summary
 
 table: install ## regenerate results/tables/ (markdown, CSV, plots) from the run logs in results/runs/

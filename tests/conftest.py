@@ -35,3 +35,10 @@ def sam_train(args: Sequence[str], cwd: Path, timeout: float = 300, env: dict | 
 @pytest.fixture
 def composed():
     return compose_config
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Under `make mutate` only: a mutant runs its module's tests, cheapest first (tests/mutation_scope.py)."""
+    from tests.mutation_scope import scope_items
+
+    scope_items(config, items)

@@ -144,3 +144,25 @@ def test_write_json_refuses_nan_instead_of_writing_invalid_json(tmp_path: Path) 
     else:
         raise AssertionError("NaN must not reach metrics.json")
     assert not (tmp_path / "m.json").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_load_checkpoint_puts_tensors_where_map_location_says(tmp_path: Path) -> None:
+    """resume loads onto the run's device: map_location must reach torch.load ('meta' stands in
+    for a GPU here: a device other than the one the checkpoint was saved from)."""
+    save_checkpoint(tmp_path, old_state())
+    assert load_checkpoint(tmp_path)["model"]["w"].device.type == "cpu"
+    got = load_checkpoint(tmp_path, map_location="meta")
+    assert got["model"]["w"].device.type == "meta" and got["model"]["w"].shape == (1000,)
+
+
+def test_the_temporary_file_is_a_hidden_sibling_and_missing_directories_are_created(tmp_path: Path) -> None:
+    """os.replace is atomic only within one filesystem: the temporary must live in the target's own
+    directory (not the system temp dir, which may be another mount). A new run directory's parents
+    are created."""
+    target = tmp_path / "new" / "deeper" / "metrics.json"
+    during: list[list[str]] = []  # what the target's directory holds while the bytes are written
+    atomic_write(target, lambda f: (during.append(sorted(p.name for p in target.parent.iterdir())), f.write("{}")),
+                 mode="w")
+    assert target.read_text() == "{}"
+    assert len(during[0]) == 1 and during[0][0].startswith(".metrics.json.") and during[0][0].endswith(".tmp")
+    assert sorted(p.name for p in target.parent.iterdir()) == ["metrics.json"]

@@ -5,11 +5,22 @@ the number of epochs done. The report's "status running (E of N epochs)" reads e
 """
 from __future__ import annotations
 
+import datetime
 import json
+import os
+import platform
+import socket
+import subprocess
 from pathlib import Path
 from typing import Any
 
-from sam_repro.runlog import RunLog, summary_block
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+from sam_repro import runlog
+from sam_repro.runlog import RunLog, cpu_name, environment, flat_config, git_state, summary_block
+from tests.conftest import compose_config
 
 
 def row(epoch: int, test_err: float, ips: float = 100.0) -> dict[str, Any]:
@@ -64,3 +75,152 @@ def test_finish_records_status_and_error(tmp_path: Path) -> None:
     log.finish("diverged", "non-finite loss at epoch 3")
     doc = json.loads((tmp_path / "metrics.json").read_text())
     assert (doc["status"], doc["error"], doc["epochs_done"]) == ("diverged", "non-finite loss at epoch 3", 0)
+
+
+# ---- the documented metrics.json (docs/run_directory.md) -------------------------------------
+
+DOC_KEYS = {"schema", "status", "experiment", "started_at", "updated_at", "config", "final", "best",
+            "epochs_done", "wall_s", "images_per_s", "env", "data", "error"}
+
+
+def utc_second(stamp: str) -> datetime.datetime:
+    """An ISO timestamp as the doc shows it: UTC offset, whole seconds."""
+    t = datetime.datetime.fromisoformat(stamp)
+    assert t.utcoffset() == datetime.timedelta(0) and t.microsecond == 0 and stamp.endswith("+00:00"), stamp
+    return t
+
+
+def test_a_new_run_directory_says_running_with_every_documented_key(tmp_path: Path) -> None:
+    before = datetime.datetime.now(datetime.timezone.utc).replace(microsecond=0)
+    config, env, data = {"epochs": 10, "optimizer": "sam"}, {"device": "cpu", "git_sha": None}, {"source": "synthetic"}
+    RunLog(tmp_path, "exp", config, env, data).write_summary()
+    doc = json.loads((tmp_path / "metrics.json").read_text())
+    assert set(doc) == DOC_KEYS
+    assert {k: doc[k] for k in DOC_KEYS - {"started_at", "updated_at"}} == {
+        "schema": 1, "status": "running", "experiment": "exp", "config": config, "final": None, "best": None,
+        "epochs_done": 0, "wall_s": 0.0, "images_per_s": None, "env": env, "data": data, "error": None}
+    after = datetime.datetime.now(datetime.timezone.utc)
+    for key in ("started_at", "updated_at"):
+        assert before <= utc_second(doc[key]) <= after
+
+
+def test_summary_block_passes_finite_losses_and_the_optional_metrics_through() -> None:
+    r = {**row(7, 12.5), "test_loss": 0.25, "train_loss": 0.125, "test_top5_err": 1.5, "val_err": 13.0,
+         "val_loss": 0.5, "epoch_s": 3.0}
+    assert summary_block(r) == {"test_err": 12.5, "test_acc": 87.5, "test_loss": 0.25, "train_loss": 0.125,
+                                "train_err": 20.0, "test_top5_err": 1.5, "val_err": 13.0, "val_loss": 0.5}
+
+
+class Recorder:
+    """A stand-in for sam_repro.trackers.Trackers that records what the run log hands it."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple] = []
+
+    def start(self, history: list) -> None:
+        self.calls.append(("start", len(history)))
+
+    def log_row(self, r: dict) -> None:
+        self.calls.append(("log_row", r["epoch"]))
+
+    def finish(self, status: str, summary: dict) -> None:
+        self.calls.append(("finish", status, summary["epochs_done"]))
+
+
+def test_trackers_see_the_restore_every_row_and_the_end(tmp_path: Path) -> None:
+    rec = Recorder()
+    log = RunLog(tmp_path, "t", {}, {}, {}, trackers=rec)
+    history = [row(1, 30.0)]
+    log.restore(history, started_at=None, wall_s=1.0)
+    history.append(row(2, 20.0))
+    log.log_epoch(history[-1], history, wall_s=2.0)
+    log.finish("completed")
+    assert rec.calls == [("start", 1), ("log_row", 2), ("finish", "completed", 2)]
+
+
+# ---- the flat config block and the environment -----------------------------------------------
+
+@pytest.mark.parametrize("overrides, world", [
+    ([], 1),
+    (["optim=sgd"], 1),
+    (["optim=asam", "optim.m=16", "device_batch=64"], 2),
+    (["optim.p=inf", "optim.sync_perturbation=true"], 4),
+])
+def test_flat_config_is_the_documented_block(overrides: list[str], world: int) -> None:
+    cfg = compose_config(["experiment=smoke", "batch_size=128", *overrides])
+    o = cfg.optim
+    sam = o.name != "sgd"
+    device_batch = cfg.device_batch if cfg.device_batch else cfg.batch_size // world
+    want = {
+        "dataset": cfg.dataset.name, "model": cfg.model.name, "augment": cfg.augment.name, "optimizer": o.name,
+        "rho": o.rho if sam else None,
+        "p": (2 if o.p == 2 else "inf") if sam else None,
+        "adaptive": (o.name == "asam") if sam else None,
+        "m": (None if o.sync_perturbation else (o.m or device_batch)) if sam else None,
+        "device_batch": device_batch, "devices": world,
+        "label_noise": cfg.dataset.label_noise, "noise_kind": cfg.dataset.noise_kind, "epochs": cfg.epochs,
+        "batch_size": 128, "seed": cfg.seed, "precision": "bf16", "lr": o.lr, "weight_decay": o.weight_decay,
+        "wd_mode": o.wd_mode, "bn_stats": o.bn_stats if sam else None, "label_smoothing": o.label_smoothing,
+        "grad_clip": o.grad_clip, "val_fraction": cfg.dataset.val_fraction, "train_steps": cfg.train_steps,
+    }
+    got = flat_config(cfg, "bf16", world)
+    assert got == want
+    assert type(got["device_batch"]) is int  # metrics.json says 64, not 64.0
+    json.dumps(got, allow_nan=False)  # what metrics.json can hold: p = inf is the string "inf"
+
+
+def test_git_state_is_the_checkouts_head_and_dirty_flag(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    here = Path(runlog.__file__).resolve().parent
+    git = lambda *a: subprocess.run(["git", "-C", str(here), *a], capture_output=True, text=True)  # noqa: E731
+    head = git("rev-parse", "HEAD")
+    if head.returncode != 0:
+        pytest.skip("not a git checkout")
+    dirty = bool(git("status", "--porcelain", "--untracked-files=no").stdout.strip())
+    assert git_state() == (head.stdout.strip(), dirty)
+    monkeypatch.setattr(runlog, "__file__", str(tmp_path / "runlog.py"))  # a copy outside any checkout
+    assert git_state() == (None, None)
+
+
+def test_git_state_dirty_means_a_tracked_file_changed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In a checkout of our own: clean, then an untracked file (still clean), then a modified tracked file."""
+    repo = tmp_path / "checkout"
+    (repo / "sam_repro").mkdir(parents=True)
+    code = repo / "sam_repro" / "runlog.py"
+    code.write_text("# tracked\n")
+    git = lambda *a: subprocess.run(["git", "-C", str(repo), *a], capture_output=True, text=True, check=True)  # noqa: E731
+    git("init", "-q")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "x")
+    sha = git("rev-parse", "HEAD").stdout.strip()
+    monkeypatch.setattr(runlog, "__file__", str(code))
+    assert git_state() == (sha, False)
+    (repo / "notes.txt").write_text("untracked")
+    assert git_state() == (sha, False)
+    code.write_text("# changed\n")
+    assert git_state() == (sha, True)
+
+
+def test_write_config_writes_the_resolved_config(tmp_path: Path) -> None:
+    cfg = OmegaConf.create({"a": {"lr": 0.1}, "b": "${a.lr}", "name": "x"})
+    new_log(tmp_path).write_config(cfg)
+    assert OmegaConf.to_container(OmegaConf.load(tmp_path / "config.yaml")) == {"a": {"lr": 0.1}, "b": 0.1, "name": "x"}
+
+
+def test_restore_writes_one_line_per_history_row(tmp_path: Path) -> None:
+    history = [row(1, 30.0), row(2, 20.0), row(3, 10.0)]
+    new_log(tmp_path).restore(history, started_at=None, wall_s=3.0)
+    assert (tmp_path / "metrics.jsonl").read_text() == "".join(json.dumps(r) + "\n" for r in history)
+
+
+def test_cpu_name_and_the_environment_block() -> None:
+    name = cpu_name()
+    assert name.startswith("CPU ") and name.endswith(f"({os.cpu_count()} cores)") and "  " not in name
+    cpuinfo = Path("/proc/cpuinfo")
+    models = [ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text().splitlines()
+              if ln.startswith("model name")] if cpuinfo.is_file() else []
+    if models:
+        assert name == f"CPU {models[0]} ({os.cpu_count()} cores)"
+    env = environment(torch.device("cpu"))
+    assert env == {"torch": torch.__version__, "cuda": None, "device": name, "device_type": "cpu",
+                   "git_sha": git_state()[0], "git_dirty": git_state()[1],
+                   "python": platform.python_version(), "hostname": socket.gethostname()}

@@ -390,3 +390,104 @@ def test_invalid_settings_are_refused() -> None:
         SAM(params, torch.optim.SGD, rho=-0.1, lr=LR)
     with pytest.raises(ValueError, match="p="):
         SAM(make_net().parameters(), torch.optim.SGD, p=1, lr=LR)
+
+
+# ---- the API's documented defaults and edges (mutation-testing gaps) --------------------------
+
+def test_the_documented_defaults() -> None:
+    """DESIGN.md: SAM(params, base, rho=0.05, p=2, adaptive=False, eta=0.0, eps=1e-12, **base kwargs);
+    every group carries them (adaptive_scale=True: T = |w| + eta on every parameter), the logged norms
+    are None until the first step, and the base optimizer is built with the base kwargs."""
+    net = make_net()
+    opt = SAM(net.parameters(), torch.optim.SGD, lr=LR, momentum=MOMENTUM)
+    assert opt.last_grad_norm is None and opt.last_perturbation_norm is None
+    for g in opt.param_groups:
+        assert (g["rho"], g["p"], g["adaptive"], g["eta"], g["sam_eps"], g["adaptive_scale"]) == (
+            0.05, 2, False, 0.0, 1e-12, True)
+        assert (g["lr"], g["momentum"]) == (LR, MOMENTUM)
+    # a group added later (progressive unfreezing) takes the configured lr and momentum, not SGD's defaults
+    extra = nn.Parameter(torch.zeros(3, dtype=torch.float64))
+    opt.base_optimizer.add_param_group({"params": [extra]})
+    assert (opt.param_groups[-1]["lr"], opt.param_groups[-1]["momentum"]) == (LR, MOMENTUM)
+
+
+def test_unperturb_is_a_no_op_before_a_step_and_idempotent_after_one() -> None:
+    net = make_net()
+    w0 = [q.detach().clone() for q in net.parameters()]
+    opt = SAM(net.parameters(), torch.optim.SGD, rho=0.5, lr=LR)
+    opt.unperturb()
+    opt.unperturb()
+    x, y = batches(1)[0]
+    loss_of(net, x, y).backward()
+    opt.first_step(zero_grad=True)
+    assert any(not torch.equal(q, w) for q, w in zip(net.parameters(), w0))
+    opt.unperturb()
+    opt.unperturb()
+    assert all(torch.equal(q, w) for q, w in zip(net.parameters(), w0))
+
+
+def test_a_first_step_without_gradients_moves_nothing_and_can_be_undone() -> None:
+    net = make_net()
+    w0 = [q.detach().clone() for q in net.parameters()]
+    opt = SAM(net.parameters(), torch.optim.SGD, rho=0.5, lr=LR)
+    opt.first_step()
+    opt.unperturb()
+    opt.first_step()  # not "called twice": nothing was perturbed
+    opt.second_step()
+    assert all(torch.equal(q, w) for q, w in zip(net.parameters(), w0))
+
+
+@pytest.mark.parametrize("which, setting", [(1, {"p": math.inf}), (1, {"adaptive": True}), (2, {"adaptive": True})])
+def test_every_group_must_share_p_and_adaptive(which: int, setting: dict) -> None:
+    params = [nn.Parameter(torch.randn(3, dtype=torch.float64)) for _ in range(3)]
+    groups = [{"params": [q]} for q in params]
+    groups[which].update(setting)
+    opt = SAM(groups, torch.optim.SGD, rho=0.1, lr=LR)
+    sum((q**2).sum() for q in params).backward()
+    with pytest.raises(ValueError, match="share p and adaptive"):
+        opt.first_step()
+
+
+@pytest.mark.parametrize("zero_grad", [True, False])
+def test_eps_enters_e_and_both_logged_norms_describe_the_step_taken(zero_grad: bool) -> None:
+    """eps is normally 1e-12 and invisible; at eps=0.5 e = rho g / (||g|| + eps) is a different vector.
+    last_perturbation_norm is the norm of the move actually made; zero_grad=False keeps g."""
+    net = make_net()
+    opt = SAM(net.parameters(), torch.optim.SGD, rho=0.3, eps=0.5, lr=LR)
+    x, y = batches(1)[0]
+    loss_of(net, x, y).backward()
+    g = [q.grad.clone() for q in net.parameters()]
+    w0 = [q.detach().clone() for q in net.parameters()]
+    norm = math.sqrt(sum(float((gi**2).sum()) for gi in g))
+    opt.first_step(zero_grad=zero_grad)
+    moves = [q.detach() - w for q, w in zip(net.parameters(), w0)]
+    for move, gi in zip(moves, g):
+        torch.testing.assert_close(move, 0.3 * gi / (norm + 0.5), rtol=1e-12, atol=1e-15)
+    assert float(opt.last_grad_norm) == pytest.approx(norm, rel=1e-12)
+    assert float(opt.last_perturbation_norm) == pytest.approx(
+        math.sqrt(sum(float((m**2).sum()) for m in moves)), rel=1e-9)
+    for q, gi in zip(net.parameters(), g):
+        assert torch.equal(q.grad, torch.zeros_like(gi) if zero_grad else gi)
+
+
+@pytest.mark.parametrize("p, adaptive", [(2, False), (math.inf, False), (2, True)], ids=["p2", "pinf", "asam"])
+def test_bf16_gradient_norms_are_accumulated_and_kept_in_float32(p: float, adaptive: bool) -> None:
+    """The logged ||g|| of bf16 gradients is float32-accurate (a bf16 result is off by up to 2^-9)."""
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(4096, dtype=torch.bfloat16) * 100)
+    opt = SAM([w], torch.optim.SGD, rho=0.05, p=p, adaptive=adaptive, lr=LR)
+    (w.float() ** 3).sum().backward()
+    ref = w.grad.double().norm()
+    opt.first_step()
+    assert opt.last_grad_norm.dtype == torch.float32
+    assert abs(float(opt.last_grad_norm) - float(ref)) <= 1e-6 * float(ref)
+
+
+def test_grouped_perturbation_logs_float32_norms_of_bf16_gradients() -> None:
+    torch.manual_seed(0)
+    w = nn.Parameter(torch.randn(4096, dtype=torch.bfloat16))
+    opt = SAM([w], torch.optim.SGD, rho=0.05, lr=LR)
+    grads = torch.randn(3, 4096, dtype=torch.bfloat16) * 100
+    ref = grads.double().norm(dim=1).mean()
+    opt.grouped_perturbation([w], [grads.clone()])
+    assert abs(float(opt.last_grad_norm) - float(ref)) <= 1e-6 * float(ref)

@@ -1,0 +1,70 @@
+"""`make mutate` only: which tests run against a mutant, and in which order (docs/testing.md).
+
+mutmut runs, for each mutant, the tests its first (recorded) pass saw reach the mutated function.
+That set is wide: `validate()` is reached by every test that composes a preset, the report's
+helpers by every report test. Two rules cut a mutant's cost without weakening the check:
+
+- SCOPE: a mutant in module M runs only the test files listed for M: the unit tests of M
+  (a mutant that only a test of another module notices is a gap in M's own tests).
+- ORDER: cheapest file first, cheapest test first within a file (the durations mutmut recorded),
+  so a mutant is killed by its fastest failing test; `-x` stops there. Files stay contiguous, so
+  a module-scoped fixture is built once per file.
+
+Active only inside a mutant's test process: mutmut names the mutant in MUTANT_UNDER_TEST
+("sam_repro.engine.schedule.x_cosine__mutmut_3"). Its other passes ("stats", clean run,
+forced fail) and every ordinary pytest run are left untouched.
+"""
+from __future__ import annotations
+
+import fnmatch
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+# module (dotted; the longest matching prefix wins) -> the test files that may kill its mutants
+SCOPE: dict[str, tuple[str, ...]] = {
+    "sam_repro.optim.sam": ("tests/test_sam.py", "tests/test_sam_grouped.py", "tests/test_sam_norms.py"),
+    "sam_repro.optim.factory": ("tests/test_optim_factory.py", "tests/test_sam_grouped.py", "tests/test_step.py"),
+    "sam_repro.engine.step": ("tests/test_step.py", "tests/test_per_device.py", "tests/test_sam_norms.py"),
+    "sam_repro.engine.schedule": ("tests/test_schedule.py",),
+    "sam_repro.engine.checkpoint": ("tests/test_checkpoint.py",),
+    "sam_repro.data.noise": ("tests/test_label_noise.py", "tests/test_data_sources.py"),
+    "sam_repro.data.augment": (
+        "tests/test_augment.py", "tests/test_augment_draws.py", "tests/test_loaders.py", "tests/test_finetune.py"),
+    "sam_repro.report": ("tests/test_report_*.py", "tests/test_results.py"),
+    "sam_repro.validate": ("tests/test_validate.py", "tests/test_configs.py"),
+    "sam_repro.runlog": ("tests/test_runlog.py",),
+}
+STATS = Path("mutmut-stats.json")  # mutmut runs the tests from mutants/, where it keeps this file
+
+
+def module_of(mutant: str) -> str:
+    """'sam_repro.report.xǁReportǁfilled__mutmut_2' -> 'sam_repro.report' (mutmut drops '__init__')."""
+    return mutant.split("__mutmut_")[0].rpartition(".")[0]
+
+
+def scope_of(module: str) -> tuple[str, ...] | None:
+    keys = [k for k in SCOPE if module == k or module.startswith(k + ".")]
+    return SCOPE[max(keys, key=len)] if keys else None
+
+
+def scope_items(config: pytest.Config, items: list[pytest.Item]) -> None:
+    mutant = os.environ.get("MUTANT_UNDER_TEST", "")
+    if "__mutmut_" not in mutant:
+        return
+    files = scope_of(module_of(mutant))
+    if files is not None:
+        keep = [i for i in items if any(fnmatch.fnmatch(i.nodeid.split("::")[0], f) for f in files)]
+        dropped = [i for i in items if i not in keep]
+        if dropped:
+            config.hook.pytest_deselected(items=dropped)
+        items[:] = keep
+    durations = json.loads(STATS.read_text())["duration_by_test"] if STATS.is_file() else {}
+    per_file: dict[str, float] = {}
+    for item in items:
+        path = item.nodeid.split("::")[0]
+        per_file[path] = per_file.get(path, 0.0) + durations.get(item.nodeid, 0.0)
+    items.sort(key=lambda i: (per_file[i.nodeid.split("::")[0]], i.nodeid.split("::")[0],
+                              durations.get(i.nodeid, 0.0)))
