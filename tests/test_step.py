@@ -396,3 +396,64 @@ def test_a_grad_scaler_steps_like_no_scaler(name: str, kw: dict) -> None:
         if name == "sam":
             torch.testing.assert_close(a.grad_norm, b.grad_norm, rtol=1e-9, atol=0)
             torch.testing.assert_close(a.perturbation_norm, b.perturbation_norm, rtol=1e-9, atol=0)
+
+
+# -- ShakeDrop in SAM's two passes: which draws the perturbed pass repeats --------------------
+class ShakeDropNet(nn.Module):
+    """A residual branch through ShakeDrop; a hook records each pass's per-sample coefficient."""
+
+    def __init__(self, keep_prob: float) -> None:
+        super().__init__()
+        from sam_repro.models.stochastic import ShakeDrop
+
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.drop = ShakeDrop(keep_prob)
+        self.fc = nn.Linear(4, 5)
+        self.coefs: list[torch.Tensor] = []
+        self.drop.register_forward_hook(
+            lambda module, args, out: self.coefs.append((out / args[0]).flatten(1)[:, 0].detach()))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x)
+        return self.fc(torch.relu(h + self.drop(h)).mean(dim=(2, 3)))
+
+
+def test_shakedrop_mask_is_fresh_in_the_perturbed_pass_unless_replayed() -> None:
+    """Official semantics (`shakedrop_mask=fresh`): SAM's perturbed pass draws a new keep/drop mask b,
+    while alpha is replayed; `replay` repeats b too. keep_prob 0.5 on 64 samples: two masks agreeing
+    everywhere by chance has probability 2^-64. keep_prob 0 (every branch dropped: coefficient = alpha)
+    checks that alpha is the same in both passes either way."""
+    x = torch.randn(64, 3, 4, 4, dtype=torch.float64)
+    y = torch.randint(0, 5, (64,))
+    for keep_prob in (0.5, 0.0):
+        seen = {}
+        for mask in ("fresh", "replay"):
+            torch.manual_seed(0)
+            net = ShakeDropNet(keep_prob).double()
+            engine_step(net, optim_cfg("sam"), x, y, shakedrop_mask=mask)
+            seen[mask] = tuple(net.coefs[-2:])  # the step's two forward passes (first, then at w + e)
+        (fresh_first, fresh_second), (replay_first, replay_second) = seen["fresh"], seen["replay"]
+        torch.testing.assert_close(fresh_first, replay_first)  # the same draws up to the perturbed pass
+        torch.testing.assert_close(replay_second, replay_first)  # replay: b and alpha both repeated
+        if keep_prob == 0.5:
+            assert not torch.equal(fresh_second, fresh_first)  # fresh: another b
+            assert set(fresh_second.unique().tolist()) - {1.0}  # dropped samples still take alpha
+        else:
+            torch.testing.assert_close(fresh_second, fresh_first)  # b = 0 in both: alpha alone, replayed
+
+
+def test_shakedrop_mask_switch_acts_in_the_per_device_step() -> None:
+    """The vmapped per-device path (where a hook cannot keep batched tensors): with keep_prob 0.5 the
+    fresh and replayed masks train to different weights; with keep_prob 0 (b = 0 in every draw) the
+    switch cannot matter, and the weights agree, so alpha is replayed there too."""
+    x = torch.randn(64, 3, 4, 4, dtype=torch.float64)
+    y = torch.randint(0, 5, (64,))
+    for keep_prob, differ in ((0.5, True), (0.0, False)):
+        weights = {}
+        for mask in ("fresh", "replay"):
+            torch.manual_seed(0)
+            net = ShakeDropNet(keep_prob).double()
+            net.drop._forward_hooks.clear()  # the coefficient recorder is for the one-device path only
+            engine_step(net, optim_cfg("sam"), x, y, shakedrop_mask=mask, device_batch=8)
+            weights[mask] = torch.cat([p.detach().flatten() for p in net.parameters()])
+        assert (not torch.allclose(weights["fresh"], weights["replay"], rtol=0, atol=1e-12)) == differ
