@@ -27,7 +27,8 @@ import pytest
 SCOPE: dict[str, tuple[str, ...]] = {
     "sam_repro.optim.sam": ("tests/test_sam.py", "tests/test_sam_grouped.py", "tests/test_sam_norms.py"),
     "sam_repro.optim.factory": ("tests/test_optim_factory.py", "tests/test_sam_grouped.py", "tests/test_step.py"),
-    "sam_repro.engine.step": ("tests/test_step.py", "tests/test_per_device.py", "tests/test_sam_norms.py"),
+    "sam_repro.engine.step": ("tests/test_step.py", "tests/test_per_device.py", "tests/test_sam_norms.py",
+                              "tests/test_step_layouts.py"),
     "sam_repro.engine.schedule": ("tests/test_schedule.py",),
     "sam_repro.engine.checkpoint": ("tests/test_checkpoint.py",),
     "sam_repro.data.noise": ("tests/test_label_noise.py", "tests/test_data_sources.py"),

@@ -217,3 +217,73 @@ def test_bad_augment_values_raise_data_error():
     for bad in (dict(pad_mode="wrap"), dict(cutout_per="pixel"), dict(autoaugment="imagenet2"), dict(padding=32)):
         with pytest.raises(DataError, match="augment\\."):
             BatchAugment(AugmentConfig(**bad), 32, MEAN, STD, "cpu")
+
+
+# -- resize (finetuning upsamples augmented 32 px batches to the model's input) -----------------
+def reference_resize(x: torch.Tensor, size: int, mode: str) -> torch.Tensor:
+    """The documented settings, written out: half-pixel centres (align_corners=False) for the smooth
+    modes, antialiasing only when shrinking, plain nearest otherwise."""
+    if mode == "nearest":
+        return torch.nn.functional.interpolate(x, size=(size, size), mode="nearest")
+    return torch.nn.functional.interpolate(x, size=(size, size), mode=mode, align_corners=False,
+                                           antialias=size < x.shape[-1])
+
+
+@pytest.mark.parametrize("mode", ["bilinear", "bicubic", "nearest"])
+@pytest.mark.parametrize("size", [64, 45, 33, 24, 16])  # up and down, integer and fractional factors
+def test_resize_matches_interpolate_with_the_documented_settings(mode, size):
+    from sam_repro.data.augment import resize
+    x = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(size))
+    out = resize(x, size, mode)
+    assert out.shape == (3, 3, size, size)
+    torch.testing.assert_close(out, reference_resize(x, size, mode), rtol=0, atol=1e-6)
+    if mode != "nearest":  # the settings are not moot here: the other choices give other numbers
+        corners = torch.nn.functional.interpolate(x, size=(size, size), mode=mode, align_corners=True)
+        assert (out - corners).abs().max() > 1e-3
+        if size < 32:
+            plain = torch.nn.functional.interpolate(x, size=(size, size), mode=mode, align_corners=False)
+            assert (out - plain).abs().max() > 1e-3
+
+
+def test_resize_defaults_to_bilinear_and_returns_a_batch_of_the_right_size_itself():
+    from sam_repro.data.augment import resize
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(resize(x, 48), reference_resize(x, 48, "bilinear"), rtol=0, atol=1e-6)
+    torch.testing.assert_close(resize(x, 20), reference_resize(x, 20, "bilinear"), rtol=0, atol=1e-6)
+    for mode in ("bilinear", "bicubic", "nearest"):
+        assert resize(x, 32, mode) is x  # no copy, no resampling
+
+
+# -- padding 0, the normalization's coefficients and dtype -------------------------------------
+def test_padding_zero_is_accepted_and_means_crop_without_padding():
+    x = images(4)
+    aug = BatchAugment(AugmentConfig(padding=0, crop=True, flip=False), 32, MEAN, STD, "cpu")
+    out = aug(x, torch.arange(4), aug.draw(torch.Generator().manual_seed(0), 1, 4), 0)
+    torch.testing.assert_close(out, reference_normalize(x), rtol=0, atol=0)
+    with pytest.raises(DataError, match="augment\\.padding"):
+        BatchAugment(AugmentConfig(padding=-1), 32, MEAN, STD, "cpu")
+
+
+def test_normalize_coeffs_are_the_float32_roundings_of_the_exact_values():
+    """The coefficients are computed in float64 and rounded once: each is the float32 nearest to the
+    exact 1 / (255 std) and -mean / std (Python floats are float64), [1, C, 1, 1], on the device asked."""
+    for mean, std in ((MEAN, STD), (DATASETS["cifar100"].mean, DATASETS["cifar100"].std),
+                      ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))):
+        scale, shift = normalize_coeffs(mean, std)
+        assert scale.shape == shift.shape == (1, len(mean), 1, 1)
+        assert scale.dtype == shift.dtype == torch.float32
+        want_scale = torch.tensor([1.0 / (255.0 * s) for s in std], dtype=torch.float64).float()
+        want_shift = torch.tensor([-m / s for m, s in zip(mean, std)], dtype=torch.float64).float()
+        assert torch.equal(scale.flatten(), want_scale) and torch.equal(shift.flatten(), want_shift)
+    scale, shift = normalize_coeffs(MEAN, STD, device="meta")
+    assert scale.device.type == shift.device.type == "meta"
+
+
+def test_normalize_returns_float32_whatever_the_input_dtype():
+    from sam_repro.data.augment import normalize
+    scale, shift = normalize_coeffs(MEAN, STD)
+    x = images(2)
+    for inp in (x, x.double()):
+        out = normalize(inp, scale, shift)
+        assert out.dtype == torch.float32
+        torch.testing.assert_close(out, TF.normalize(x.double() / 255.0, MEAN, STD).float(), rtol=1e-6, atol=1e-6)

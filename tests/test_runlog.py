@@ -224,3 +224,50 @@ def test_cpu_name_and_the_environment_block() -> None:
     assert env == {"torch": torch.__version__, "cuda": None, "device": name, "device_type": "cpu",
                    "git_sha": git_state()[0], "git_dirty": git_state()[1],
                    "python": platform.python_version(), "hostname": socket.gethostname()}
+
+
+# -- cpu_name where /proc/cpuinfo is missing, unreadable or says no model ----------------------
+class FakeCpuinfo:
+    """Stands in for runlog.Path: /proc/cpuinfo holds `text`, or cannot be read (text None)."""
+
+    def __init__(self, text: Any) -> None:
+        self.text = text
+
+    def __call__(self, path: str) -> "FakeCpuinfo":
+        assert str(path) == "/proc/cpuinfo"
+        return self
+
+    def read_text(self) -> str:
+        if self.text is None:
+            raise FileNotFoundError("/proc/cpuinfo")
+        return self.text
+
+
+@pytest.mark.parametrize("text, processor, model", [
+    (None, "x86_64", "x86_64"),  # no /proc/cpuinfo (macOS, Windows): platform.processor()
+    (None, "", None),  # nor a processor name: just the core count
+    ("processor\t: 0\nBogoMIPS\t: 50.00\n", "aarch64", "aarch64"),  # cpuinfo without a model name (ARM)
+    ("processor\t: 0\nmodel name\t: Intel(R) Xeon(R) CPU @ 2.20GHz: rev 7\nmodel name\t: other\n", "x86_64",
+     "Intel(R) Xeon(R) CPU @ 2.20GHz: rev 7"),  # the first model name, whole (colons in it kept)
+], ids=["no-cpuinfo", "nothing", "no-model-line", "model-with-colon"])
+def test_cpu_name_falls_back_to_the_platform_and_keeps_the_whole_model(
+        monkeypatch: pytest.MonkeyPatch, text: Any, processor: str, model: Any) -> None:
+    monkeypatch.setattr(runlog, "Path", FakeCpuinfo(text))
+    monkeypatch.setattr(runlog.platform, "processor", lambda: processor)
+    monkeypatch.setattr(runlog.os, "cpu_count", lambda: 6)
+    assert cpu_name() == (f"CPU {model} (6 cores)" if model else "CPU (6 cores)")
+
+
+# -- metrics.json's wall_s and images_per_s: the documented precision -------------------------
+def test_wall_s_to_the_millisecond_and_images_per_s_the_rows_mean_to_one_decimal(tmp_path: Path) -> None:
+    """docs/run_directory.md: wall_s to 3 decimals, images_per_s the mean of the rows to 1 decimal."""
+    wall = 1234.56789
+    history = [row(1, 30.0, ips=1000.0), row(2, 20.0, ips=1000.0), row(3, 10.0, ips=1001.0)]  # mean 1000.333..
+    log = new_log(tmp_path)
+    log.log_epoch(history[-1], history, wall_s=wall)
+    mean = sum(r["images_per_s"] for r in history) / len(history)
+    for doc in (json.loads((tmp_path / "metrics.json").read_text()), log.summary):
+        assert isinstance(doc["wall_s"], float) and abs(doc["wall_s"] - wall) <= 0.0005 + 1e-9
+        assert doc["wall_s"] == float(f"{doc['wall_s']:.3f}")  # no more than 3 decimals
+        assert isinstance(doc["images_per_s"], float) and abs(doc["images_per_s"] - mean) <= 0.05 + 1e-9
+        assert doc["images_per_s"] == float(f"{doc['images_per_s']:.1f}")  # no more than 1 decimal
