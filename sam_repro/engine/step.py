@@ -346,7 +346,10 @@ class TrainStep(FunctionalPasses):
         if self.sam is None:
             # one forward with shared weights (vmap folds the devices into each convolution's batch,
             # BatchNorm sees each device alone) and one backward: the mean of the devices' gradients
-            logits = vmap(self._group_logits, in_dims=(0, 0), randomness="different")(buffers, xg)
+            # (the weights passed in, cast by hand: autocast leaves a convolution under vmap in fp32)
+            weights, xg = self._low_precision(dict(zip(self._param_names, self.params)), xg)
+            logits = vmap(lambda stats, x_dev: self._group_logits({**weights, **stats}, x_dev),
+                          randomness="different")(buffers, xg)
             loss = self._loss(logits, yg)
             self._backward(loss)
             self._add_l2_gradient()
