@@ -26,6 +26,8 @@ from typing import Callable
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_step import git_sha  # noqa: E402
 from sam_repro.config import config_dir, register_configs  # noqa: E402
 from sam_repro.engine.loop import Trainer  # noqa: E402
 from sam_repro.engine.pack import PackedStep  # noqa: E402
@@ -121,13 +123,6 @@ def environment(device: torch.device) -> dict:
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
     return env
-
-
-def git_sha() -> str | None:
-    import subprocess
-
-    r = subprocess.run(["git", "-C", str(Path(__file__).parent), "rev-parse", "HEAD"], capture_output=True, text=True)
-    return r.stdout.strip() or None
 
 
 def main() -> int:

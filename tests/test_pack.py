@@ -263,7 +263,7 @@ def test_gpu_table4_script_trains_the_eight_runs_as_two_packs_and_archives_them(
     make_folder(tmp_path / "cifar10-jpeg", n_train=64, n_test=20)
     out = tmp_path / "out"
     env = {**__import__("os").environ, "SAM_CIFAR10_JPEG": str(tmp_path / "cifar10-jpeg"), "OUT": str(out),
-           "MAX_SEEDS": "1", "SAM_TRAIN": str(Path(sys.executable).parent / "sam-train"), "PATH": "/usr/bin:/bin"}
+           "MAX_SEEDS": "1", "BUDGET_S": "100000", "SAM_TRAIN": str(Path(sys.executable).parent / "sam-train"), "PATH": "/usr/bin:/bin"}
     script = Path(__file__).resolve().parent.parent / "scripts" / "gpu_table4.sh"
     result = subprocess.run(["bash", str(script), "train_steps=1", "model.name=wrn10_1", "engine=cpu", "batch_size=32",
                              "device_batch=16"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)

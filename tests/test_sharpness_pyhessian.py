@@ -4,7 +4,9 @@ modes. The times are printed with their ratio, never asserted (scripts/bench_sha
 them at equal accuracy)."""
 from __future__ import annotations
 
+import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,18 +15,8 @@ from torch import nn
 from sam_repro.sharpness import HVP_MODES, Objective, hutchinson_trace, prepare_model, top_eigenvalues
 
 pyhessian = pytest.importorskip("pyhessian")
-
-
-class SmallCNN(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.features = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
-                                      nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
-                                      nn.AdaptiveAvgPool2d(2))
-        self.fc = nn.Linear(32, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.features(x).flatten(1))
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+from bench_sharpness import SmallCNN  # noqa: E402  (the benchmark's CNN: one network, measured and tested)
 
 
 @pytest.mark.slow

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -137,7 +138,5 @@ def _completed(run_dir: Path) -> bool:
 
 
 def _report(err: BaseException) -> None:
-    import sys
-
     for line in str(err).splitlines() or [type(err).__name__]:
         print(f"sam-train: error: {line}", file=sys.stderr)

@@ -244,12 +244,7 @@ class Trainer:
     # -- the run ----------------------------------------------------------------------------------
     def fit(self) -> int:
         """Train to the end (or from the last checkpoint); returns the process exit code."""
-        progress = self._resume()
-        if self.runlog:
-            self.runlog.write_config(self.cfg)
-            self.runlog.restore(progress.history, progress.started_at, progress.wall_s)
-            progress.started_at = self.runlog.summary["started_at"]
-            self.runlog.write_summary()
+        progress = self.begin()
         every, every_steps = self.cfg.engine.eval_every, self.cfg.engine.eval_every_steps
         try:
             period = Period(self.runtime.device)
@@ -272,17 +267,32 @@ class Trainer:
             if self.runlog:
                 self.runlog.finish("diverged", str(err))
             return EXIT_DIVERGED
-        except (KeyboardInterrupt, SystemExit) as err:  # Ctrl-C, or a preemption signal (SLURM/submitit)
-            if self.runlog:  # not a failure: the run resumes from its last checkpoint when re-run
-                self.runlog.finish("running", f"interrupted ({type(err).__name__}); re-run the same command to resume")
-            raise
-        except BaseException as err:  # a crash: say so in metrics.json, then re-raise
-            if self.runlog:
-                self.runlog.finish("failed", f"{type(err).__name__}: {err}")
+        except BaseException as err:
+            self.record_exit(err)
             raise
         if self.runlog:
             self.runlog.finish("completed")
         return EXIT_OK
+
+    def begin(self) -> Progress:
+        """Resume (or start) and write the run directory's config and first summary."""
+        progress = self._resume()
+        if self.runlog:
+            self.runlog.write_config(self.cfg)
+            self.runlog.restore(progress.history, progress.started_at, progress.wall_s)
+            progress.started_at = self.runlog.summary["started_at"]
+            self.runlog.write_summary()
+        return progress
+
+    def record_exit(self, err: BaseException) -> None:
+        """What metrics.json says when training stops on an exception."""
+        if not self.runlog:
+            return
+        if isinstance(err, (KeyboardInterrupt, SystemExit)):  # Ctrl-C, or a preemption signal (SLURM/submitit):
+            # not a failure, the run resumes from its last checkpoint when re-run
+            self.runlog.finish("running", f"interrupted ({type(err).__name__}); re-run the same command to resume")
+        else:  # a crash
+            self.runlog.finish("failed", f"{type(err).__name__}: {err}")
 
     def _train_epoch(self, epoch: int, progress: Progress, period: "Period") -> None:
         """One pass over the training loader (or what is left of `train_steps`), summed into `period`."""
@@ -349,20 +359,22 @@ class Trainer:
             raise Diverged(f"non-finite training loss in epoch {epoch} (by step {step})")
 
 
+def flat_dict(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A resolved config as {"optim.lr": 0.1, ...} (a model's `kwargs` stay one value)."""
+    out: dict[str, Any] = {}
+    for key, value in d.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and key != "kwargs":
+            out.update(flat_dict(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
 def check_same_config(saved: dict[str, Any], current: dict[str, Any], run_dir: Path) -> None:
     """A checkpoint continues only the run it came from: refuse a changed config."""
 
-    def flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for key, value in d.items():
-            name = f"{prefix}{key}"
-            if isinstance(value, dict) and key != "kwargs":
-                out.update(flat(value, name + "."))
-            else:
-                out[name] = value
-        return out
-
-    a, b = flat(saved), flat(current)
+    a, b = flat_dict(saved), flat_dict(current)
     changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and not k.startswith(RESUME_FREE_KEYS))
     if changed:
         detail = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in changed[:5])

@@ -42,7 +42,7 @@ from torch.func import grad, vmap
 
 from sam_repro.engine.checkpoint import save_checkpoint
 from sam_repro.engine.loop import (EXIT_DIVERGED, EXIT_OK, LOG_EVERY, Period, Progress, Trainer, epoch_seed,
-                                   set_train_mode)
+                                   flat_dict, set_train_mode)
 from sam_repro.engine.step import FunctionalPasses, StepConfig, StepStats, batchnorm_buffers, group_size, running_stats_frozen
 from sam_repro.optim.factory import METHODS
 
@@ -56,16 +56,6 @@ MEMBER_KEYS = (
     "optim.lr", "optim.weight_decay", "optim.momentum", "optim.nesterov", "optim.rho", "optim.eta",
     "optim.grad_clip", "sched.",
 )
-
-
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in d.items():
-        if isinstance(value, dict) and value:
-            out.update(_flat(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def _file_backed(dataset: str) -> bool:
@@ -94,7 +84,7 @@ def pack_key(cfg: DictConfig) -> tuple[Optional[str], Optional[str]]:
     why = _why_solo(cfg)
     if why:
         return None, why
-    values = _flat(OmegaConf.to_container(cfg, resolve=True))
+    values = flat_dict(OmegaConf.to_container(cfg, resolve=True))
     shape = {k: v for k, v in values.items() if not k.startswith(MEMBER_KEYS) and not k.startswith("hydra")}
     shape["perturbs"] = METHODS[cfg.optim.name].uses_sam  # SGD and SAM packed apart (module docstring)
     return repr(sorted(shape.items())), None
@@ -102,7 +92,7 @@ def pack_key(cfg: DictConfig) -> tuple[Optional[str], Optional[str]]:
 
 def differing_keys(a: DictConfig, b: DictConfig) -> list[str]:
     """The config keys (outside MEMBER_KEYS) in which two runs differ: why they are not one pack."""
-    fa, fb = (_flat(OmegaConf.to_container(c, resolve=True)) for c in (a, b))
+    fa, fb = (flat_dict(OmegaConf.to_container(c, resolve=True)) for c in (a, b))
     return sorted(k for k in set(fa) | set(fb) if fa.get(k) != fb.get(k) and not k.startswith(MEMBER_KEYS))
 
 
@@ -315,14 +305,7 @@ class PackTrainer:
     def fit(self) -> list[int]:
         """Train every member to its end; returns each member's exit code (in the order of `jobs`)."""
         codes = [EXIT_OK] * len(self.trainers)
-        progresses = []
-        for trainer in self.trainers:
-            progress = trainer._resume()
-            trainer.runlog.write_config(trainer.cfg)
-            trainer.runlog.restore(progress.history, progress.started_at, progress.wall_s)
-            progress.started_at = trainer.runlog.summary["started_at"]
-            trainer.runlog.write_summary()
-            progresses.append(progress)
+        progresses = [trainer.begin() for trainer in self.trainers]
         # members at the same point train together (a pack killed between two members' checkpoints
         # resumes as two packs, each ending where it would have)
         together: dict[int, list[int]] = defaultdict(list)
@@ -353,13 +336,9 @@ class PackTrainer:
                 self._evaluate(step, trainers, progresses, periods, epoch)
                 periods = [Period(first.runtime.device) for _ in trainers]
         except BaseException as err:
-            interrupted = isinstance(err, (KeyboardInterrupt, SystemExit))
             for trainer, active in zip(trainers, step.active):
                 if active:
-                    if interrupted:
-                        trainer.runlog.finish("running", f"interrupted ({type(err).__name__}); re-run the same command to resume")
-                    else:
-                        trainer.runlog.finish("failed", f"{type(err).__name__}: {err}")
+                    trainer.record_exit(err)
             raise
         for trainer, active in zip(trainers, step.active):
             if active:
