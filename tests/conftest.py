@@ -25,6 +25,17 @@ def compose_config(overrides: Sequence[str] = ()) -> DictConfig:
         return compose(config_name="train", overrides=list(overrides))
 
 
+_COMPOSED: dict[tuple[str, ...], DictConfig] = {}
+
+
+def composed_copy(overrides: Sequence[str] = ()) -> DictConfig:
+    """compose_config(overrides), composed once per process; each call returns a fresh copy to change."""
+    key = tuple(overrides)
+    if key not in _COMPOSED:
+        _COMPOSED[key] = compose_config(key)
+    return _COMPOSED[key].copy()
+
+
 def sam_train(args: Sequence[str], cwd: Path, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run the installed `sam-train` console script (as a user would), capture its output."""
     exe = Path(sys.executable).parent / "sam-train"
@@ -42,3 +53,11 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     from tests.mutation_scope import scope_items
 
     scope_items(config, items)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Under `make mutate` only: mutmut's fork server collects once, then forks a process per mutant;
+    lazy one-time costs paid here are paid once (tests/mutation_scope.py)."""
+    from tests.mutation_scope import warm_fork_server
+
+    warm_fork_server(session.config)

@@ -17,8 +17,10 @@ forced fail) and every ordinary pytest run are left untouched.
 from __future__ import annotations
 
 import fnmatch
+import io
 import json
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -39,6 +41,26 @@ SCOPE: dict[str, tuple[str, ...]] = {
     "sam_repro.runlog": ("tests/test_runlog.py",),
 }
 STATS = Path("mutmut-stats.json")  # mutmut runs the tests from mutants/, where it keeps this file
+
+
+def warm_fork_server(config: pytest.Config) -> None:
+    """In mutmut's fork server (a collect-only session with mutmut loaded), pay the lazy first-use
+    costs that every mutant's process would otherwise pay again: Hydra's plugin discovery and config
+    registration, the model registry's imports (together about 1 s per mutant of validate) and matplotlib's first figure."""
+    if not (config.option.collectonly and "mutmut" in sys.modules
+            and "__mutmut_" not in os.environ.get("MUTANT_UNDER_TEST", "")):
+        return
+    from matplotlib.figure import Figure
+
+    from sam_repro.validate import validate
+    from tests.conftest import composed_copy
+
+    validate(composed_copy(["experiment=smoke"]))  # also imports the model registry's families
+    fig = Figure()
+    ax = fig.add_subplot()
+    ax.plot([0, 1], [0, 1], label="warm")
+    ax.legend()
+    fig.savefig(io.BytesIO(), format="png")
 
 
 def module_of(mutant: str) -> str:

@@ -6,10 +6,17 @@ both sides, so a bound written `<` for `<=` (or a falsy check such as `not grad_
 """
 from __future__ import annotations
 
-import pytest
+import math
+from typing import Any
 
+import pytest
+from omegaconf import OmegaConf
+
+from sam_repro.data import DATASETS
+from sam_repro.models import list_models
+from sam_repro.models.finetune import BOTH_WAYS
 from sam_repro.validate import ConfigError, validate
-from tests.conftest import compose_config
+from tests.conftest import compose_config, composed_copy
 
 # (key, values that must fail, values that must pass); the base is the smoke preset (synthetic data).
 BOUNDS = [
@@ -69,3 +76,168 @@ def test_m_must_divide_the_per_device_batch() -> None:
 def test_every_problem_is_reported_at_once() -> None:
     got = problems("optim.grad_clip=0", "optim.momentum=1.0", "epochs=0")
     assert [line.split("=")[0] for line in got] == ["optim.momentum", "optim.grad_clip", "epochs"]
+
+
+# ---- every rule's exact line -------------------------------------------------------------------
+# The error line is the contract for bad input: the key, the value (repr) and what is allowed. Each
+# case changes the composed smoke config (or a file-backed preset) in place, which costs a few ms,
+# so the whole table runs in well under a second (and kills a mutant of validate() quickly).
+def problems_after(changes: dict[str, Any], preset: str = "smoke", *groups: str) -> list[str]:
+    """The problems of `experiment=<preset> <groups>` (composed once) with `changes` set in a copy."""
+    cfg = composed_copy([f"experiment={preset}", *groups])
+    for key, value in changes.items():
+        OmegaConf.update(cfg, key, value, merge=False)
+    try:
+        validate(cfg)
+    except ConfigError as err:
+        assert str(err) == "\n".join(err.problems)  # str() is the lines the CLI prints
+        return err.problems
+    return []
+
+
+def one_of(*choices: str) -> str:
+    return "choose one of: " + ", ".join(choices)
+
+
+DATASET_NAMES = one_of(*sorted(DATASETS))
+MODEL_NAMES = one_of(*list_models()) + " (any wrn<depth>_<k> with depth = 6n+4), or timm/<name>"
+SHARED_E = ("one shared e(w) for the whole batch excludes per-device perturbations: set device_batch=null "
+            "and optim.m=null, or optim.sync_perturbation=false")
+REFUSED_CROP = ("augment.random_resized_crop=True is invalid: only file-backed datasets (imagenet, the finetuning "
+                "sets) take the Inception crop; use augment=basic here")
+REFUSED: list[tuple[dict[str, Any], list[str]]] = [
+    ({"dataset.source": "x"}, ["dataset.source='x' is invalid: " + one_of("folder", "synthetic", "torchvision"),
+                               "dataset.name='synthetic' is invalid: " + DATASET_NAMES]),
+    ({"dataset.source": "torchvision", "dataset.name": "nope"}, ["dataset.name='nope' is invalid: " + DATASET_NAMES]),
+    ({"dataset.noise_kind": "x"}, ["dataset.noise_kind='x' is invalid: " + one_of("asymmetric", "symmetric")]),
+    ({"dataset.label_noise": 1.0}, ["dataset.label_noise=1.0 is invalid: must be in [0, 1)"]),
+    ({"dataset.val_fraction": -0.1}, ["dataset.val_fraction=-0.1 is invalid: must be in [0, 1)"]),
+    *[({f"dataset.{key}": 0}, [f"dataset.{key}=0 is invalid: must be >= 1"])
+      for key in ("num_classes", "image_size", "channels", "train_size", "test_size")],
+    ({"dataset.input_size": 0},
+     ["dataset.input_size=0 is invalid: must be >= 1 (pixels), or null for the dataset's (or a pretrained model's) size"]),
+    ({"model.name": "resnet33"}, ["model.name='resnet33' is invalid: " + MODEL_NAMES]),
+    ({"model.pretrained": True}, ["model.pretrained=True is invalid: pretrained weights come from timm: use a timm model "
+                                  "(timm/<name>), or model.checkpoint=<file> for resnet20"]),
+    ({"model.checkpoint": "/no/such.pt"}, [f"model.checkpoint='/no/such.pt' is invalid: no such file; {BOTH_WAYS}"]),
+    ({"augment.padding": -1}, ["augment.padding=-1 is invalid: must be >= 0"]),
+    ({"augment.pad_mode": "x"}, ["augment.pad_mode='x' is invalid: " + one_of("reflect", "constant")]),
+    ({"augment.cutout": -1}, ["augment.cutout=-1 is invalid: must be >= 0 (pixels; 0 = off)"]),
+    ({"augment.cutout_per": "x"}, ["augment.cutout_per='x' is invalid: " + one_of("batch", "sample")]),
+    ({"augment.autoaugment": "x"}, ["augment.autoaugment='x' is invalid: " + one_of("null", "cifar10", "svhn")]),
+    ({"augment.random_resized_crop": True}, [REFUSED_CROP]),
+    ({"optim.name": "x"}, ["optim.name='x' is invalid: " + one_of("sgd", "sam", "asam")]),
+    ({"optim.base": "x"}, ["optim.base='x' is invalid: " + one_of("sgd", "adamw")]),
+    ({"optim.lr": 0.0}, ["optim.lr=0.0 is invalid: must be > 0"]),
+    ({"optim.momentum": 1.0}, ["optim.momentum=1.0 is invalid: must be in [0, 1)"]),
+    ({"optim.weight_decay": -1.0}, ["optim.weight_decay=-1.0 is invalid: must be >= 0"]),
+    ({"optim.wd_mode": "x"}, ["optim.wd_mode='x' is invalid: " + one_of("loss", "decoupled")]),
+    ({"optim.rho": -1.0}, ["optim.rho=-1.0 is invalid: must be >= 0"]),
+    ({"optim.p": 3.0}, ["optim.p=3.0 is invalid: must be 2 or inf"]),
+    ({"optim.name": "asam", "optim.p": math.inf}, ["optim.p=inf is invalid: ASAM (optim=asam) is defined for p=2 only"]),
+    ({"optim.eta": -1.0}, ["optim.eta=-1.0 is invalid: must be >= 0"]),
+    ({"optim.bn_stats": "x"}, ["optim.bn_stats='x' is invalid: " + one_of("first_pass", "both")]),
+    ({"optim.shakedrop_mask": "x"}, ["optim.shakedrop_mask='x' is invalid: " + one_of("fresh", "replay")]),
+    ({"optim.asam_scale": "x"}, ["optim.asam_scale='x' is invalid: " + one_of("weights", "all")]),
+    ({"method_rho.asam": -1.0}, ["method_rho.asam=-1.0 is invalid: must be >= 0"]),
+    ({"optim.grad_clip": 0.0}, ["optim.grad_clip=0.0 is invalid: must be > 0, or null for no clipping"]),
+    ({"optim.label_smoothing": 1.0}, ["optim.label_smoothing=1.0 is invalid: must be in [0, 1)"]),
+    ({"batch_size": 0}, ["batch_size=0 is invalid: must be >= 1"]),
+    ({"engine.ddp": True, "engine.nproc": 3}, ["batch_size=128 is invalid: must be divisible by the 3 processes"]),
+    ({"engine.ddp": True, "engine.nproc": 2, "device_batch": 48},
+     ["device_batch=48 is invalid: must divide the batch of each of the 2 processes (64), "
+      "or be null (one device per process)"]),
+    ({"batch_size": 1, "device_batch": 2}, ["device_batch=2 is invalid: must divide the batch of each of the 1 processes "
+                                            "(1), or be null (one device per process)"]),
+    ({"batch_size": 1, "engine.ddp": True, "engine.nproc": 2}, ["batch_size=1 is invalid: must be divisible by the 2 processes"]),
+    ({"device_batch": 1, "optim.m": 2}, ["optim.m=2 is invalid: must divide the per-device batch (1), or be null (m = the "
+                                         "per-device batch)"]),
+    ({"device_batch": 0}, ["device_batch=0 is invalid: must divide the batch of each of the 1 processes (128), "
+                           "or be null (one device per process)"]),
+    ({"optim.m": 0}, ["optim.m=0 is invalid: must divide the per-device batch (128), or be null (m = the per-device batch)"]),
+    ({"optim.m": 48}, ["optim.m=48 is invalid: must divide the per-device batch (128), or be null (m = the per-device batch)"]),
+    ({"device_batch": 32, "optim.m": 64},
+     ["optim.m=64 is invalid: must divide the per-device batch (32), or be null (m = the per-device batch)"]),
+    ({"device_batch": 48, "optim.m": 64},  # a bad device_batch leaves m checked against the process's batch
+     ["device_batch=48 is invalid: must divide the batch of each of the 1 processes (128), "
+      "or be null (one device per process)"]),
+    ({"optim.sync_perturbation": True, "device_batch": 32}, ["optim.sync_perturbation=True is invalid: " + SHARED_E]),
+    ({"optim.sync_perturbation": True, "optim.m": 32}, ["optim.sync_perturbation=True is invalid: " + SHARED_E]),
+    ({"epochs": 0}, ["epochs=0 is invalid: must be >= 1"]),
+    ({"train_steps": 0}, ["train_steps=0 is invalid: must be >= 1, or null"]),
+    ({"resume": "x"}, ["resume='x' is invalid: " + one_of("auto", "never", "must")]),
+    ({"sched.name": "x"}, ["sched.name='x' is invalid: " + one_of("constant", "cosine", "step")]),
+    ({"sched.warmup_epochs": -1.0}, ["sched.warmup_epochs=-1.0 is invalid: must be >= 0"]),
+    ({"sched.gamma": 0.0}, ["sched.gamma=0.0 is invalid: must be in (0, 1]"]),
+    ({"engine.precision": "x"}, ["engine.precision='x' is invalid: " + one_of("auto", "fp32", "tf32", "bf16", "fp16", "fp64")]),
+    ({"engine.loader": "x"}, ["engine.loader='x' is invalid: " + one_of("auto", "device", "files", "workers")]),
+    ({"engine.loader": "files"},
+     ["engine.loader='files' is invalid: dataset 'synthetic' is held in memory: choose auto or one of: device, workers"]),
+    ({"engine.nproc": 0}, ["engine.nproc=0 is invalid: must be >= 1, or null for every visible GPU"]),
+    ({"engine.ddp": True}, ["engine.nproc=None is invalid: engine.ddp=true on the CPU needs engine.nproc=N (N gloo processes)"]),
+    ({"engine.device": "gpu"}, ["engine.device='gpu' is invalid: use auto, cpu, cuda or cuda:N"]),
+    ({"engine.eval_batch_size": 0}, ["engine.eval_batch_size=0 is invalid: must be >= 1"]),
+    ({"engine.eval_every": 0}, ["engine.eval_every=0 is invalid: must be >= 1 (epochs)"]),
+    ({"engine.eval_every_steps": 0},
+     ["engine.eval_every_steps=0 is invalid: must be >= 1, or null (use engine.eval_every epochs)"]),
+    ({"engine.num_workers": -1}, ["engine.num_workers=-1 is invalid: must be >= 0"]),
+]
+# the last good value of each rule above (and combinations that must stay legal)
+ACCEPTED: list[dict[str, Any]] = [
+    {"dataset.name": "nope"},  # synthetic data takes its shape from the synthetic fields, not a name
+    *[{f"dataset.{key}": 1} for key in ("num_classes", "image_size", "channels", "train_size", "test_size")],
+    {"dataset.input_size": 1}, {"optim.p": math.inf}, {"optim.name": "asam", "optim.p": 2.0}, {"method_rho.asam": 0.0},
+    {"batch_size": 1}, {"batch_size": 1, "device_batch": 1, "optim.m": 1}, {"engine.ddp": True, "engine.nproc": 2},
+    {"device_batch": 32}, {"device_batch": 128}, {"device_batch": 32, "optim.m": 16}, {"device_batch": 32, "optim.m": 32},
+    {"optim.sync_perturbation": True, "optim.m": 128}, {"optim.sync_perturbation": True, "device_batch": 128},
+    {"engine.loader": "device"}, {"engine.loader": "workers"}, {"engine.precision": "bf16"},
+    {"augment.autoaugment": "cifar10"}, {"augment.pad_mode": "constant"},
+]
+
+
+@pytest.mark.parametrize("changes, expected", REFUSED, ids=[",".join(f"{k}={v}" for k, v in c.items()) for c, _ in REFUSED])
+def test_each_rule_refuses_with_its_exact_line(changes: dict[str, Any], expected: list[str]) -> None:
+    assert problems_after(changes) == expected
+
+
+@pytest.mark.parametrize("changes", ACCEPTED, ids=[",".join(f"{k}={v}" for k, v in c.items()) for c in ACCEPTED])
+def test_the_edge_of_each_rule_is_accepted(changes: dict[str, Any]) -> None:
+    assert problems_after(changes) == []
+
+
+def test_a_file_backed_dataset_takes_the_files_loader_and_the_inception_crop_only() -> None:
+    preset = "t2_imagenet_resnet50_100ep"
+    assert problems_after({}, preset) == []
+    assert problems_after({"engine.loader": "files", "augment.random_resized_crop": True}, preset) == []
+    assert problems_after({"engine.loader": "device"}, preset) == [
+        "engine.loader='device' is invalid: dataset 'imagenet' is read from image files: choose auto or one of: files"]
+    # the same name from the synthetic source is held in memory: the array loaders fit, the crop does not
+    assert problems_after({"dataset.source": "synthetic", "engine.loader": "device"}, preset) == [
+        REFUSED_CROP]
+    assert problems_after({"dataset.source": "synthetic", "engine.loader": "device",
+                           "augment.random_resized_crop": False}, preset) == []
+
+
+def test_pretrained_weights_need_a_timm_model_or_a_checkpoint(tmp_path) -> None:
+    weights = tmp_path / "w.pt"
+    weights.write_bytes(b"")
+    assert problems_after({"model.pretrained": True, "model.checkpoint": str(weights)}) == []
+    assert problems_after({"model.checkpoint": str(weights)}) == []
+    assert problems_after({"model.name": "timm/resnet18", "model.pretrained": True}) == []
+    # an unknown name is reported once, by model.name, not again by model.pretrained
+    assert problems_after({"model.name": "resnet33", "model.pretrained": True}) == ["model.name='resnet33' is invalid: " + MODEL_NAMES]
+
+
+def test_a_missing_tracker_package_and_a_bad_wandb_mode_are_lines_too(monkeypatch) -> None:
+    import sam_repro.validate as validate_module
+    from sam_repro.trackers import TRACKERS
+
+    monkeypatch.setattr(validate_module, "not_installed", lambda cfg: [("wandb", TRACKERS["wandb"])])
+    assert problems_after({}) == [
+        f"logger='wandb' is invalid: the {TRACKERS['wandb'].package} package is not installed: "
+        f"pip install 'sam-repro[{TRACKERS['wandb'].extra}]'"]
+    monkeypatch.setattr(validate_module, "not_installed", lambda cfg: [])
+    assert problems_after({"logger.wandb.mode": "x"}, "smoke", "logger=wandb") == [
+        "logger.wandb.mode='x' is invalid: " + one_of("null", "online", "offline", "disabled")]
+    assert problems_after({"logger.wandb.mode": None}, "smoke", "logger=wandb") == []
+    assert problems_after({"logger.wandb.mode": "offline"}, "smoke", "logger=wandb") == []
