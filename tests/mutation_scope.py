@@ -36,7 +36,14 @@ SCOPE: dict[str, tuple[str, ...]] = {
     "sam_repro.data.noise": ("tests/test_label_noise.py", "tests/test_data_sources.py"),
     "sam_repro.data.augment": (
         "tests/test_augment.py", "tests/test_augment_draws.py", "tests/test_loaders.py", "tests/test_finetune.py"),
-    "sam_repro.report": ("tests/test_report_*.py", "tests/test_results.py"),
+    # the report, per module: its own tests (the whole report's tests take ~30 s, a survivor's cost)
+    "sam_repro.report": ("tests/test_report_tables.py", "tests/test_results.py"),  # generate, README
+    "sam_repro.report.cli": ("tests/test_report_tables.py",),
+    "sam_repro.report.load": ("tests/test_report_load.py", "tests/test_report_cells.py"),
+    "sam_repro.report.paper": ("tests/test_report_paper.py", "tests/test_report_cells.py", "tests/test_report_tables.py"),
+    "sam_repro.report.tables": ("tests/test_report_tables.py", "tests/test_report_cells.py"),
+    "sam_repro.report.plots": ("tests/test_report_plots.py", "tests/test_report_plot_content.py"),
+    "sam_repro.report.sharpness": ("tests/test_report_sharpness.py",),
     "sam_repro.validate": ("tests/test_validate.py", "tests/test_configs.py"),
     "sam_repro.runlog": ("tests/test_runlog.py",),
 }

@@ -293,3 +293,25 @@ def test_finetuning_cells_count_steps_and_birdsnap_is_an_image_folder() -> None:
     assert differences({**bird, "data.source": "folder"}, expected(cell("birdsnap", "efficientnet_b7"))) == []
     assert differences(b7 | {"train_steps": 5000, "data.source": "folder"}, expected(cell("flowers102", "efficientnet_b7"))) == \
         ["data folder (paper torchvision)"]
+
+
+def test_cli_defaults_read_results_runs_and_write_results_tables(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    write_run(tmp_path / "results" / "runs", "r", test_err=3.0)
+    monkeypatch.chdir(tmp_path)
+    assert main([]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith("sam-report: 1 completed runs read from results/runs, 0 skipped\n")
+    assert printed.endswith(f"wrote {len(list((tmp_path / 'results/tables').iterdir()))} files to results/tables "
+                            "(summary: results/tables/README.md)\n")
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    assert exit_.value.code == 0
+    usage = " ".join(capsys.readouterr().out.split())  # argparse wraps lines to the terminal's width
+    assert usage.startswith("usage: sam-report [-h] [--runs RUNS] [--out OUT] Aggregate sam-train run directories "
+                            "into the SAM paper's tables, plots and a summary.")
+    assert "--runs RUNS searched recursively for metrics.json (default: results/runs)" in usage
+    assert "--out OUT where tables, plots and README.md go (default: results/tables)" in usage
+    with pytest.raises(SystemExit) as exit_:
+        main(["--nope"])
+    assert exit_.value.code == 2  # a bad command line
