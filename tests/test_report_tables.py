@@ -315,3 +315,19 @@ def test_cli_defaults_read_results_runs_and_write_results_tables(tmp_path: Path,
     with pytest.raises(SystemExit) as exit_:
         main(["--nope"])
     assert exit_.value.code == 2  # a bad command line
+
+
+def test_cli_names_the_one_empty_cell_of_a_nearly_full_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    runs = tmp_path / "runs"
+    for noise in (0.2, 0.4, 0.6, 0.8):
+        for method in ("sam", "sgd"):
+            if (noise, method) == (0.8, "sgd"):
+                continue
+            write_run(runs, f"{method}{noise}", test_err=20.0, model="resnet32", optimizer=method, label_noise=noise,
+                      rho=0.05 if noise == 0.8 else 0.1)
+    assert main(["--runs", str(runs), "--out", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    assert ("table4: 7/8 paper cells filled\n  empty cells (whole table: bash scripts/table4.sh):\n"
+            "    80% [sgd]: sam-train -m experiment=t4_cifar10_resnet32_noise80 optim=sgd seed=0,1,2,3,4\n") in printed
+    assert " [sam, sgd]: sam-train -m experiment=t1_cifar10_wrn28_10_200ep augment=basic optim=sam,sgd seed=0,1,2,3,4\n" \
+        in printed
