@@ -5,7 +5,7 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from sam_repro.report.paper import Expected, expected, fill_command, normalize_model, paper_csv, sweep_script
+from sam_repro.report.paper import Expected, expected, fill_command, normalize_model, paper_csv, paper_epochs, sweep_script
 
 # PAPER.md, "Hyperparameters": rho by (dataset, CSV model); Tables 2-3 use 0.05 on ImageNet.
 RHO_FROM_PAPER_MD = {
@@ -74,7 +74,7 @@ def test_the_csv_is_read_with_numeric_table_noise_and_value_and_every_table_is_t
 @pytest.mark.parametrize("name, ours", [
     ("timm/tf_efficientnet_b7.ra_in1k", "efficientnet_b7"), ("timm/efficientnet_l2.ns_jft_in1k_475", "efficientnet_l2"),
     ("tf_efficientnet_b7", "efficientnet_b7"), ("wrn28_10", "wrn28_10"), ("timm/resnet50.a1_in1k", "resnet50"),
-    ("pyramidnet272_shakedrop", "pyramidnet272_shakedrop")])
+    ("pyramidnet272_shakedrop", "pyramidnet272_shakedrop"), ("timm/tf_efficientnet_b7.ra_in1k.v2", "efficientnet_b7")])
 def test_model_names_normalize_to_our_registry(name: str, ours: str) -> None:
     assert normalize_model(name) == ours
 
@@ -104,3 +104,11 @@ def test_fill_commands_name_the_preset_the_augment_and_the_seeds_of_each_table()
     assert fill_command(5, _row(5, dataset="svhn", model="wrn28_10", augment="basic"), ["sgd"]) == \
         f"sam-train -m experiment=t5_svhn_wrn28_10 augment=basic optim=sgd {seeds}"
     assert [sweep_script(n) for n in (1, 4)] == ["scripts/table1.sh", "scripts/table4.sh"]
+
+
+def test_paper_epochs_say_which_numbers_are_our_assumption() -> None:
+    assert paper_epochs(1, "wrn28_10", "200", "cifar10") == (200, False)  # printed in the paper
+    assert paper_epochs(1, "pyramidnet", "", "cifar100") == (1800, True)  # the official recipe, assumed
+    assert paper_epochs(5, "wrn28_10", "", "svhn") == (200, True)
+    assert paper_epochs(3, "efficientnet_l2", "", "imagenet") == (10, False)  # PAPER.md states 10
+    assert paper_epochs(3, "efficientnet_l2", "", "flowers102") == (None, False)  # steps, not epochs

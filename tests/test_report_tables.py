@@ -246,6 +246,10 @@ def test_cli_on_a_missing_runs_dir_and_with_fixture_runs(runs_root: Path, tmp_pa
     assert "32 completed runs" in printed and "8 skipped" in printed
     assert "skipped bad/running: status running (3 of 200 epochs)" in printed
     assert "table1: 3/60 paper cells filled" in printed
+    kinds = pd.read_csv(tmp_path / "u" / "budget.csv")["kind"]
+    assert 0 < (kinds == "synthetic").sum() < (kinds == "budget").sum()
+    assert (f"budget / non-paper settings: {(kinds == 'budget').sum()} (budget.md); "
+            f"synthetic-data pipeline checks: {(kinds == 'synthetic').sum()}\n") in printed
 
 
 def test_presets_named_by_fill_commands_produce_runs_that_fill_those_cells() -> None:
