@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from scipy import stats
 from matplotlib.collections import PolyCollection
+from matplotlib.colors import to_hex
 from matplotlib.figure import Figure
 from tests.conftest_report import FIX, curve_for, runs_root  # noqa: F401  (fixture)
 
@@ -110,3 +111,83 @@ def test_rho_sweep_figure_plots_mean_error_per_rho_and_the_sgd_baseline(drawn) -
     _, base = lines["SGD (n=1)"]
     assert set(base) == {FIX["budget_15ep_sgd"][0]}  # a horizontal line at the SGD error
     assert fig.axes[0].get_xscale() == "log"
+
+
+def describe(fig: Figure) -> dict:
+    """What a reader sees of a figure, as plain values: size, texts, scales, and every artist's style."""
+    ax = fig.axes[0]
+    legend = ax.get_legend()
+
+    def face(line) -> str:
+        mfc = line.get_markerfacecolor()
+        return mfc if mfc == "none" else to_hex(mfc)
+
+    return {
+        "size": [float(v) for v in fig.get_size_inches()], "layout": type(fig.get_layout_engine()).__name__,
+        "title": ax.get_title(), "xlabel": ax.get_xlabel(), "ylabel": ax.get_ylabel(), "xscale": ax.get_xscale(),
+        "xticks": [t.get_text() for t in ax.get_xticklabels()],
+        "legend": [legend.get_title().get_text(), [t.get_text() for t in legend.get_texts()],
+                   float(legend.get_texts()[0].get_fontsize())],
+        "lines": [[ln.get_label(), to_hex(ln.get_color()), ln.get_linestyle(), ln.get_marker(),
+                   float(ln.get_linewidth()), float(ln.get_markersize()), face(ln)] for ln in ax.get_lines()],
+        "bands": [[to_hex(c.get_facecolor()[0], keep_alpha=True), float(c.get_linewidth()[0])]
+                  for c in ax.collections if isinstance(c, PolyCollection)],
+    }
+
+
+RED, BLUE, ORANGE, PURPLE = "#d62728", "#1f77b4", "#ff7f0e", "#9467bd"  # tab: SAM, SGD, then more SAM lines
+FRAME = {"size": [6.4, 4.2], "layout": "ConstrainedLayoutEngine"}
+SMALL = 8.33  # fontsize="small" of the default 10 pt
+CAPS = 6.0  # capsize 3 -> cap markers of size 6
+
+
+def curve_line(label: str, color: str) -> list:
+    return [label, color, "-", "None", 1.2, 6.0, color]
+
+
+def bar_lines(color: str, fmt_marker: str) -> list:  # an errorbar: its line, then the two caps
+    return [["_nolegend_", color, "-", fmt_marker, 1.5, 6.0, color],
+            ["_nolegend_", color, "None", "_", 1.5, CAPS, color], ["_nolegend_", color, "None", "_", 1.5, CAPS, color]]
+
+
+FIGURES = {
+    "curves_cifar10_wrn28_10_basic_200ep": {
+        **FRAME, "title": "cifar10_wrn28_10_basic_200ep", "xlabel": "epoch", "ylabel": "test error (%)",
+        "xscale": "linear", "xticks": ["0", "1", "2", "3", "4", "5"],
+        "legend": ["mean, min-max band over seeds", ["SAM rho=0.05 (n=3)", "SGD (n=5)"], SMALL],
+        "lines": [curve_line("SAM rho=0.05 (n=3)", RED), curve_line("SGD (n=5)", BLUE)],
+        "bands": [[RED + "33", 0.0], [BLUE + "33", 0.0]]},  # alpha 0.2, no edge
+    "curves_cifar10_wrn28_10_basic_15ep": {  # three SAM rho values: red, then the spare colors in turn
+        **FRAME, "title": "cifar10_wrn28_10_basic_15ep", "xlabel": "epoch", "ylabel": "test error (%)",
+        "xscale": "linear", "xticks": ["0", "1", "2", "3", "4", "5"],
+        "legend": ["mean, min-max band over seeds", ["SAM rho=0.05 (n=2)", "SAM rho=0.1 (n=2)", "SAM rho=0.2 (n=1)",
+                                                    "SGD (n=1)"], SMALL],
+        "lines": [curve_line("SAM rho=0.05 (n=2)", RED), curve_line("SAM rho=0.1 (n=2)", ORANGE),
+                  curve_line("SAM rho=0.2 (n=1)", PURPLE), curve_line("SGD (n=1)", BLUE)],
+        "bands": [[c + "33", 0.0] for c in (RED, ORANGE, PURPLE, BLUE)]},
+    "label_noise": {
+        **FRAME, "title": "CIFAR-10, ResNet-32: label noise", "xlabel": "label noise (%)",
+        "ylabel": "clean test accuracy (%)", "xscale": "linear", "xticks": ["20", "40", "60", "80"],
+        "legend": ["", ["SAM (paper)", "SGD (paper)", "SAM (ours, 95% CI)", "SGD (ours, 95% CI)"], SMALL],
+        "lines": [*bar_lines(RED, "s"), *bar_lines(BLUE, "s"),  # ours: solid squares with caps
+                  ["SAM (paper)", RED, "--", "o", 1.5, 6.0, "none"],  # the paper: dashed, hollow circles
+                  ["SGD (paper)", BLUE, "--", "o", 1.5, 6.0, "none"]],
+        "bands": []},
+    "rho_cifar10_wrn28_10_basic_15ep": {
+        **FRAME, "title": "cifar10_wrn28_10_basic_15ep", "xlabel": "rho", "ylabel": "final test error (%)",
+        "xscale": "log", "xticks": ["0.05", "0.1", "0.2"],  # a tick at each rho run, none between
+        "legend": ["", ["SGD (n=1)", "SAM (mean ± 95% CI)"], SMALL],
+        "lines": [*bar_lines(RED, "o"), ["SGD (n=1)", BLUE, "--", "None", 1.5, 6.0, BLUE]],
+        "bands": []},
+}
+
+
+@pytest.mark.parametrize("stem", sorted(FIGURES))
+def test_each_figure_is_drawn_as_specified(drawn, stem: str) -> None:
+    assert describe(drawn[stem]) == FIGURES[stem]
+    if FIGURES[stem]["xscale"] == "log":  # a log axis would add minor ticks between the rho values
+        assert len(drawn[stem].axes[0].xaxis.get_minorticklocs()) == 0
+
+
+def test_the_figures_are_exactly_these(drawn) -> None:
+    assert sorted(s for s in drawn if not s.startswith("sharpness_")) == sorted(FIGURES)
