@@ -352,3 +352,30 @@ def test_cli_names_the_one_empty_cell_of_a_nearly_full_table(tmp_path: Path, cap
             "    80% [sgd]: sam-train -m experiment=t4_cifar10_resnet32_noise80 optim=sgd seed=0,1,2,3,4\n") in printed
     assert " [sam, sgd]: sam-train -m experiment=t1_cifar10_wrn28_10_200ep augment=basic optim=sam,sgd seed=0,1,2,3,4\n" \
         in printed
+
+
+def test_deviations_rank_by_size_then_table_cell_and_method_and_ignore_float_noise() -> None:
+    from sam_repro.report import _deviations
+    from sam_repro.report.tables import Table
+
+    def table(name: str, cells: dict[str, tuple[float, float]], paper: float = 10.0, n: tuple[int, int] = (2, 2)) -> Table:
+        """cells: label -> (SAM mean, SGD mean), each over n seeds with ci95 0.1 against the paper's 10."""
+        display = pd.DataFrame([{"dataset": c, "SAM (paper)": "10", "SGD (paper)": "10.0 ± 0.1"} for c in cells])
+        data = pd.DataFrame([{"sam_n": n[0], "sam_mean": s, "sam_ci95": 0.1, "sam_paper": paper,
+                              "sgd_n": n[1], "sgd_mean": g, "sgd_ci95": 0.1, "sgd_paper": paper} for s, g in cells.values()])
+        return Table(name, name, display, data)
+
+    got = _deviations([table("table2", {"b": (10.5 + 6e-8, 9.5), "a": (10.5, 9.5)}),
+                       table("table1", {"z": (9.0, 10.0)}), table("table3", {"c": (10.2, 10.0)})], top=6)
+    assert list(got.columns) == ["table", "cell", "method", "ours", "paper", "ours - paper"]
+    assert got.values.tolist() == [
+        ["table1", "z", "SAM", "9.00 ± 0.10 (n=2)", "10", "-1.00"],
+        ["table2", "a", "SAM", "10.50 ± 0.10 (n=2)", "10", "+0.50"],  # four ties at 0.5 (to 1e-6):
+        ["table2", "a", "SGD", "9.50 ± 0.10 (n=2)", "10.0 ± 0.1", "-0.50"],  # by cell, then method
+        ["table2", "b", "SAM", "10.50 ± 0.10 (n=2)", "10", "+0.50"],
+        ["table2", "b", "SGD", "9.50 ± 0.10 (n=2)", "10.0 ± 0.1", "-0.50"],
+        ["table3", "c", "SAM", "10.20 ± 0.10 (n=2)", "10", "+0.20"]]
+    assert len(_deviations([table("table1", {"z": (9.0, 10.0)})])) == 2  # top 5 of 2
+    assert _deviations([table("table1", {"z": (9.0, 10.0)})], top=1)["method"].tolist() == ["SAM"]
+    one_seed = _deviations([table("table1", {"z": (math.nan, 12.0)}, n=(0, 1))])  # an empty cell is no deviation
+    assert one_seed.values.tolist() == [["table1", "z", "SGD", "12.00 ± 0.10 (n=1)", "10.0 ± 0.1", "+2.00"]]
