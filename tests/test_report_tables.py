@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from pathlib import Path
 
@@ -379,3 +380,21 @@ def test_deviations_rank_by_size_then_table_cell_and_method_and_ignore_float_noi
     assert _deviations([table("table1", {"z": (9.0, 10.0)})], top=1)["method"].tolist() == ["SAM"]
     one_seed = _deviations([table("table1", {"z": (math.nan, 12.0)}, n=(0, 1))])  # an empty cell is no deviation
     assert one_seed.values.tolist() == [["table1", "z", "SGD", "12.00 ± 0.10 (n=1)", "10.0 ± 0.1", "+2.00"]]
+
+
+def test_readme_names_the_hardware_of_paper_cell_runs_unknown_included(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    for seed, device in enumerate(["GPU B", None, "GPU B"]):
+        write_run(runs, f"t4/{seed}", test_err=20.0, seed=seed, model="resnet32", label_noise=0.2, rho=0.1, device=device)
+    write_run(runs, "budget", test_err=30.0, epochs=15, device="Laptop")  # not in a paper cell: not named
+    generate(runs, tmp_path / "out")
+    text = (tmp_path / "out" / "README.md").read_text()
+    assert "- Hardware (env.device of the runs in paper cells): GPU B (2 runs); unknown (1 runs).\n" in text
+    # runs that log no device at all (no env.device column) and no runs in paper cells
+    bare = tmp_path / "bare"
+    doc = json.loads((write_run(bare, "r", test_err=30.0, epochs=15) / "metrics.json").read_text())
+    del doc["env"]["device"]
+    (bare / "r" / "metrics.json").write_text(json.dumps(doc))
+    generate(bare, tmp_path / "out2")
+    assert "- Hardware (env.device of the runs in paper cells): none (no runs in paper cells).\n" in \
+        (tmp_path / "out2" / "README.md").read_text()
