@@ -348,10 +348,12 @@ def paper_table(number: int, runs: pd.DataFrame, cells: pd.DataFrame, matches: d
             "augment": first["augment"], "label_noise": first["label_noise"], "metric": first["metric"]}
         per: dict[str, Stats] = {}
         paper_val: dict[str, tuple[str, str, float]] = {}
+        by_method = {c["method"]: c for _, c in row_cells.iterrows()}
         for method in paper.OUR_METHODS:  # SAM first in every table (the CSV's order varies)
-            cell = row_cells[row_cells["method"] == method].iloc[0]
+            cell = by_method[method]
             keys = [k for k, m in matches.items() if cell["order"] in m.cells]
-            group = runs[runs["setting_key"].isin(keys)]
+            # most cells are empty: skip the boolean selection (a copy of every column) for them
+            group = runs[runs["setting_key"].isin(keys)] if keys else runs.iloc[:0]
             epochs = cell["expected"].epochs or ()
             s, extra, cell_notes = _cell_stats(group, cell["metric"], len(epochs) > 1,
                                                epochs[0] if epochs else None)
