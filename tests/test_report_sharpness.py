@@ -2,13 +2,25 @@
 (the report reads them; it never measures)."""
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import shutil
 from pathlib import Path
 
+import matplotlib
+import numpy as np
+import pandas as pd
 import pytest
+from matplotlib.colors import to_rgba
+from matplotlib.layout_engine import ConstrainedLayoutEngine
+from PIL import Image
+from scipy import stats
+from tests.conftest_report import write_run
 
 from sam_repro.report import generate
+from sam_repro.report import sharpness as S
+from sam_repro.report.load import load_runs
 from sam_repro.report.sharpness import sharpness_table
 
 REPO = Path(__file__).resolve().parent.parent
@@ -51,3 +63,509 @@ def test_sharpness_table_and_figure_from_run_directories(tmp_path: Path) -> None
     for name in ("sharpness.md", "sharpness.csv", "README.md"):
         assert (out / name).read_bytes() == (tmp_path / "again" / name).read_bytes()
     assert sharpness_table(report.loaded.runs.iloc[0:0])[0].display.empty
+
+
+# ---- unit tests of sam_repro.report.sharpness, on run directories written in each test ----------
+
+C10 = "cifar10_wrn28_10_basic_200ep"
+C100 = "cifar100_wrn28_10_basic_200ep"
+ON_512 = "512 train ex., BN eval, L2 out, fp32"
+ON_1024 = "1024 train ex., BN eval, L2 out, fp32"
+NOTES = [
+    "Measured by `sam-sharpness` on each run's own model and training data (a fixed seeded subset, no "
+    "augmentation); every run's sharpness.json says how (subset, seed, iterations, tolerances, error "
+    "bars). One seed: the value; several: mean ± 95% CI over seeds (Student t).",
+    "lambda: Hessian eigenvalues (Lanczos), trace: Hutchinson; m-sharpness: SAM paper Sec. 4.1 (mean "
+    "over chunks of m examples of the loss increase at the worst perturbation of norm rho)."]
+
+
+def sdoc(lmax: float, ratio: float, trace: float, cells: list | None = None, subset: int = 512, **more) -> dict:
+    """A sharpness.json document with the given numbers (no landscape unless `more` adds one)."""
+    doc = {"schema": 1,
+           "setup": {"subset": subset, "seed": 0, "bn_mode": "eval", "dtype": "fp32", "weight_decay": {"in_loss": False}},
+           "hessian": {"lambda_max": lmax, "lambda_max_over_lambda_5": ratio, "trace": {"value": trace, "stderr": 1.0}},
+           "msharpness": {"cells": cells or []}}
+    doc.update(more)
+    return doc
+
+
+def put(run: Path, doc: dict) -> Path:
+    (run / "sharpness.json").write_text(json.dumps(doc), encoding="utf-8")
+    return run
+
+
+def cell(m: int, rho: float, value, **more) -> dict:
+    return {"m": m, "rho": rho, "value": value, **more}
+
+
+def mean_ci(values: list[float]) -> tuple[float, float]:
+    """Mean and Student-t 95% half-width, written out here (NaN half-width for one value)."""
+    x = np.array(values, dtype=float)
+    if len(x) == 1:
+        return float(x[0]), math.nan
+    return float(x.mean()), float(stats.t.ppf(0.975, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x)))
+
+
+def figure_key(dataset: str = "cifar10", source: str = "torchvision") -> str:
+    """The setting without seed and optimizer fields, for write_run's defaults."""
+    return json.dumps({"augment": "basic", "batch_size": 256, "data.source": source, "dataset": dataset,
+                       "device_batch": 32, "epochs": 200, "grad_clip": 5.0, "label_noise": 0.0,
+                       "label_smoothing": 0.0, "lr": 0.1, "model": "wrn28_10", "noise_kind": "symmetric",
+                       "precision": "bf16", "train_steps": None, "val_fraction": 0.0, "wd_mode": "loss",
+                       "weight_decay": 0.0005}, sort_keys=True)
+
+
+# -- read_sharpness, _get, _num, _measured_on -------------------------------------------------------
+
+def test_read_sharpness_returns_the_schema_1_document(tmp_path: Path) -> None:
+    doc = sdoc(40.0, 8.0, 300.0, [cell(16, 0.05, 0.2)])
+    doc["setup"]["bn_mode"] = "évaluation ±"  # non-ASCII: read as UTF-8
+    (tmp_path / "sharpness.json").write_bytes(json.dumps(doc, ensure_ascii=False).encode("utf-8"))
+    assert S.read_sharpness(tmp_path) == doc
+    assert S.read_sharpness(str(tmp_path)) == doc
+    assert S.SHARPNESS_FILE == "sharpness.json" and S.FIGURE_GLOB == "sharpness_*.png"
+
+
+@pytest.mark.parametrize("content", [
+    None,  # no file
+    b"",  # empty
+    b'{"schema": 1, "hessian": {',  # truncated
+    b'{"schema": 1, "setup": "\xff\xfe"}',  # not UTF-8
+    b"[1, 2]", b"null", b'"schema"', b"1",  # not an object
+    b'{"hessian": {}}',  # no schema
+    b'{"schema": 2, "hessian": {}}', b'{"schema": 0}', b'{"schema": "1"}', b'{"schema": null}',
+])
+def test_read_sharpness_none_for_absent_unreadable_or_other_schema(tmp_path: Path, content) -> None:
+    if content is not None:
+        (tmp_path / "sharpness.json").write_bytes(content)
+    assert S.read_sharpness(tmp_path) is None
+
+
+def test_read_sharpness_none_for_a_directory_or_a_missing_run(tmp_path: Path) -> None:
+    (tmp_path / "sharpness.json").mkdir()
+    assert S.read_sharpness(tmp_path) is None
+    assert S.read_sharpness(tmp_path / "nowhere") is None
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "Sharpness.json").write_text(json.dumps(sdoc(1, 1, 1)))
+    (tmp_path / "other" / "metrics.json").write_text(json.dumps(sdoc(1, 1, 1)))
+    assert S.read_sharpness(tmp_path / "other") is None
+
+
+def test_get_walks_nested_objects_and_stops_at_non_objects() -> None:
+    doc = {"a": {"b": {"c": 3}, "n": 0, "l": [1]}, "z": None}
+    assert S._get(doc, "a", "b", "c") == 3
+    assert S._get(doc, "a", "b") == {"c": 3}
+    assert S._get(doc) is doc
+    assert S._get(doc, "a", "n") == 0
+    assert S._get(doc, "a", "n", "x") is None  # through a number
+    assert S._get(doc, "a", "l", "x") is None  # through a list
+    assert S._get(doc, "z", "x") is None  # through null
+    assert S._get(doc, "missing", "x", "y") is None
+    assert S._get(None, "a") is None and S._get([1], "a") is None
+    assert S._get(None) is None
+
+
+@pytest.mark.parametrize(("x", "want"), [(3, 3.0), (-2, -2.0), (0, 0.0), (0.25, 0.25), (1e300, 1e300), (-0.0, 0.0)])
+def test_num_keeps_finite_numbers_as_float(x, want) -> None:
+    got = S._num(x)
+    assert type(got) is float and got == want
+
+
+@pytest.mark.parametrize("x", [True, False, math.nan, math.inf, -math.inf, None, "3", [1], {"v": 1}])
+def test_num_is_nan_for_anything_else(x) -> None:
+    got = S._num(x)
+    assert type(got) is float and math.isnan(got)
+
+
+@pytest.mark.parametrize(("setup", "want"), [
+    ({"subset": 512, "bn_mode": "eval", "dtype": "fp32", "weight_decay": {"in_loss": False}}, ON_512),
+    ({"subset": 2048, "bn_mode": "train", "dtype": "fp64", "weight_decay": {"in_loss": True}},
+     "2048 train ex., BN train, L2 in, fp64"),
+    ({"subset": 1024, "bn_mode": "eval", "dtype": "fp32", "weight_decay": {"in_loss": 1}},
+     "1024 train ex., BN eval, L2 in, fp32"),
+    ({"subset": 1024, "bn_mode": "eval", "dtype": "fp32", "weight_decay": 0.0005}, ON_1024),
+    ({"subset": 1024, "bn_mode": "eval", "dtype": "fp32", "weight_decay": {}}, ON_1024),
+    ({"subset": 1024, "bn_mode": "eval", "dtype": "fp32"}, ON_1024),
+    ({}, "None train ex., BN None, L2 out, None"),
+])
+def test_measured_on_text(setup, want) -> None:
+    assert S._measured_on(setup) == want
+
+
+# -- sharpness_rows --------------------------------------------------------------------------------
+
+def test_sharpness_rows_one_row_per_real_run_with_a_file(tmp_path: Path) -> None:
+    root = tmp_path / "runs"
+    write_run(root, "a_sgd", test_err=3.5, optimizer="sgd")  # no sharpness.json: no row, later runs still read
+    put(write_run(root, "b_sam0", test_err=2.5, seed=0),
+        sdoc(20.0, 5.0, 150.0, [cell(16, 0.10, 0.1, steps=1), cell(128, 0.05, 0.07)], subset=1024))
+    put(write_run(root, "c_sam1", test_err=2.75, seed=1, rho=0.1),
+        sdoc(22, 6.5, 160, [cell(16, 0.1, 0.12), cell(16, 0.1, 0.3, steps=3), cell(16, 0.05, 0.2, steps=2)]))
+    put(write_run(root, "d_smoke", test_err=50.0, source="synthetic"), sdoc(1.0, 1.0, 1.0))  # never a result
+    runs = load_runs(root).runs
+    rows = S.sharpness_rows(runs)
+    assert list(rows.columns) == [
+        "figure_key", "optimizer", "rho", "seed", "run_dir", "abs_dir", "measured_on", "test_err", "lambda_max",
+        "lambda_ratio", "trace", "m-sharpness m=16 rho=0.1", "m-sharpness m=128 rho=0.05",
+        "m-sharpness m=16 rho=0.1 3-step", "m-sharpness m=16 rho=0.05 2-step"]
+    assert list(rows["run_dir"]) == ["b_sam0", "c_sam1"]
+    assert list(rows["abs_dir"]) == [str(root / "b_sam0"), str(root / "c_sam1")]
+    assert list(rows["figure_key"]) == [figure_key(), figure_key()]
+    assert list(rows["optimizer"]) == ["sam", "sam"] and list(rows["rho"]) == [0.05, 0.1]
+    assert list(rows["seed"]) == [0, 1]
+    assert list(rows["measured_on"]) == [ON_1024, ON_512]
+    assert list(rows["test_err"]) == [2.5, 2.75]
+    assert list(rows["lambda_max"]) == [20.0, 22.0] and list(rows["lambda_ratio"]) == [5.0, 6.5]
+    assert list(rows["trace"]) == [150.0, 160.0]
+    assert list(rows["m-sharpness m=16 rho=0.1"]) == [0.1, 0.12]
+    assert rows["m-sharpness m=128 rho=0.05"].iloc[0] == 0.07 and math.isnan(rows["m-sharpness m=128 rho=0.05"].iloc[1])
+    three = rows["m-sharpness m=16 rho=0.1 3-step"]
+    assert math.isnan(three.iloc[0]) and three.iloc[1] == 0.3
+    assert rows["m-sharpness m=16 rho=0.05 2-step"].iloc[1] == 0.2
+
+
+def test_sharpness_rows_sgd_runs_have_no_rho(tmp_path: Path) -> None:
+    put(write_run(tmp_path, "sgd", test_err=3.5, optimizer="sgd", seed=4), sdoc(40, 8, 300))
+    rows = S.sharpness_rows(load_runs(tmp_path).runs)
+    assert rows[["optimizer", "seed", "run_dir"]].values.tolist() == [["sgd", 4, "sgd"]]
+    assert rows["rho"].tolist() == [None] and rows["figure_key"].tolist() == [figure_key()]
+
+
+def test_sharpness_rows_values_that_are_not_finite_numbers_are_nan(tmp_path: Path) -> None:
+    bad = {"schema": 1, "setup": None,
+           "hessian": {"lambda_max": True, "lambda_max_over_lambda_5": "8", "trace": 300.0},
+           "msharpness": {"cells": [cell(16, 0.05, None), cell(32, 0.05, math.inf), cell(64, 0.05, False)]}}
+    put(write_run(tmp_path, "a", test_err=3.0, seed=0), bad)
+    put(write_run(tmp_path, "b", test_err=4.0, seed=1), {"schema": 1, "hessian": {"lambda_max": math.nan,
+                                                                                "trace": {"value": -math.inf}}})
+    put(write_run(tmp_path, "c", test_err=5.0, seed=2), {"schema": 1, "setup": {}, "msharpness": None})
+    rows = S.sharpness_rows(load_runs(tmp_path).runs)
+    assert list(rows["run_dir"]) == ["a", "b", "c"]
+    assert list(rows["measured_on"]) == ["None train ex., BN None, L2 out, None"] * 3
+    assert list(rows["test_err"]) == [3.0, 4.0, 5.0]
+    numbers = ["lambda_max", "lambda_ratio", "trace", "m-sharpness m=16 rho=0.05", "m-sharpness m=32 rho=0.05",
+               "m-sharpness m=64 rho=0.05"]
+    assert list(rows.columns[7:]) == ["test_err", *numbers]
+    assert rows[numbers].isna().all().all()
+
+
+def test_sharpness_rows_empty_without_files(tmp_path: Path) -> None:
+    write_run(tmp_path, "a", test_err=3.0)
+    (tmp_path / "a" / "sharpness.json").write_text('{"schema": 2}')
+    write_run(tmp_path, "b", test_err=3.0, seed=1)
+    rows = S.sharpness_rows(load_runs(tmp_path).runs)
+    assert rows.empty and list(rows.columns) == []
+
+
+# -- _fmt and sharpness_table ----------------------------------------------------------------------
+
+def test_fmt_value_interval_or_dash() -> None:
+    assert S._fmt(pd.Series([], dtype=float)) == "—"
+    assert S._fmt(pd.Series([math.nan, math.inf])) == "—"
+    assert S._fmt(pd.Series([1.23456])) == "1.235"
+    assert S._fmt(pd.Series([2.0, math.nan])) == "2"
+    assert S._fmt(pd.Series([1, 2, 3])) == "2 ± 2.5"  # t(0.975, 2) * 1 / sqrt(3) = 2.484
+    assert S._fmt(pd.Series([40.0, 40.0])) == "40 ± 0"
+    assert S._fmt(pd.Series([1234.5678, 1234.5678, 1234.6])) == "1235 ± 0.046"
+
+
+def test_sharpness_table_of_no_rows(tmp_path: Path) -> None:
+    write_run(tmp_path, "a", test_err=3.0)
+    table, rows = S.sharpness_table(load_runs(tmp_path).runs)
+    assert (table.name, table.title, table.notes) == ("sharpness", "Sharpness of the minima", NOTES)
+    assert table.display.empty and table.data.empty and list(table.display.columns) == []
+    assert rows.empty and list(rows.columns) == []
+
+
+TABLE_RUNS = [  # run_dir, config, test_err, sharpness.json
+    ("a_adam", {"optimizer": "adam", "seed": 0}, 4.0, sdoc(50, 9, 400)),
+    ("b_asam", {"optimizer": "asam", "rho": 0.5, "adaptive": True, "seed": 0}, 2.5, sdoc(15, 4, 120)),
+    ("c_sam0", {"seed": 0}, 2.6, sdoc(20, 5, 150, [cell(16, 0.1, 0.1), cell(128, 0.05, 0.07)])),
+    ("d_sam1", {"seed": 1}, 2.75, sdoc(22, 6, 160, [cell(16, 0.1, 0.12)])),
+    ("e_sam2", {"seed": 2}, 2.9, sdoc(21, 5.5, 155, [cell(16, 0.1, 0.11)], subset=1024)),  # measured otherwise
+    ("f_sgd0", {"optimizer": "sgd", "seed": 0}, 3.4, sdoc(40, 8, 300, [cell(16, 0.1, 0.2)])),
+    ("g_sgd1", {"optimizer": "sgd", "seed": 1}, 3.5, sdoc(44, 8.5, 310, [cell(16, 0.1, 0.25)])),
+    ("h_sgd2", {"optimizer": "sgd", "seed": 2}, 3.6, sdoc(42, 9, 290, [cell(16, 0.1, 0.3)])),
+    ("i_nofile", {"optimizer": "sgd", "seed": 3}, 9.9, None),
+    ("z_c100", {"optimizer": "sgd", "dataset": "cifar100", "seed": 0}, 19.0, sdoc(30, 3, 200)),
+]
+
+
+def write_table_runs(root: Path) -> pd.DataFrame:
+    for name, config, err, doc in TABLE_RUNS:
+        run = write_run(root, name, test_err=err, **config)
+        if doc is not None:
+            put(run, doc)
+    return load_runs(root).runs
+
+
+def test_sharpness_table_display(tmp_path: Path) -> None:
+    table, _ = S.sharpness_table(write_table_runs(tmp_path))
+    assert (table.name, table.title, table.notes) == ("sharpness", "Sharpness of the minima", NOTES)
+    m128, m16 = "m-sharpness m=128 rho=0.05", "m-sharpness m=16 rho=0.1"
+    assert list(table.display.columns) == ["setting", "method", "n", "measured on", "test error (%)", "lambda_max",
+                                           "lambda_max / lambda_5", "trace", m128, m16]
+    # Settings in order, then the measurement setup, then SGD, SAM, ASAM, anything else; never averaged across setups.
+    assert table.display.values.tolist() == [
+        [C100, "SGD", "1", ON_512, "19", "30", "3", "200", "—", "—"],
+        [C10, "SAM rho=0.05", "1", ON_1024, "2.9", "21", "5.5", "155", "—", "0.11"],
+        [C10, "SGD", "3", ON_512, "3.5 ± 0.25", "42 ± 5", "8.5 ± 1.2", "300 ± 25", "—", "0.25 ± 0.12"],
+        [C10, "SAM rho=0.05", "2", ON_512, "2.675 ± 0.95", "21 ± 13", "5.5 ± 6.4", "155 ± 64", "0.07", "0.11 ± 0.13"],
+        [C10, "ASAM rho=0.5", "1", ON_512, "2.5", "15", "4", "120", "—", "—"],
+        [C10, "ADAM rho=0.05", "1", ON_512, "4", "50", "9", "400", "—", "—"],
+    ]
+
+
+def test_sharpness_table_data_and_rows(tmp_path: Path) -> None:
+    table, rows = S.sharpness_table(write_table_runs(tmp_path))
+    metrics = ["test_err", "lambda_max", "lambda_ratio", "trace", "m-sharpness m=128 rho=0.05", "m-sharpness m=16 rho=0.1"]
+    assert list(table.data.columns) == ["setting", "method", "n", "measured_on",
+                                        *(f"{m}_{s}" for m in metrics for s in ("mean", "ci95"))]
+    assert table.data[["setting", "method", "n", "measured_on"]].values.tolist() == [
+        [C100, "SGD", 1, ON_512], [C10, "SAM rho=0.05", 1, ON_1024], [C10, "SGD", 3, ON_512],
+        [C10, "SAM rho=0.05", 2, ON_512], [C10, "ASAM rho=0.5", 1, ON_512], [C10, "ADAM rho=0.05", 1, ON_512]]
+    assert all(type(n) is int for n in table.data["n"].tolist())
+    nan = math.nan
+    values = [  # per table row: each metric's values over the row's runs
+        [[19.0], [30], [3], [200], [nan], [nan]],
+        [[2.9], [21], [5.5], [155], [nan], [0.11]],
+        [[3.4, 3.5, 3.6], [40, 44, 42], [8, 8.5, 9], [300, 310, 290], [nan], [0.2, 0.25, 0.3]],
+        [[2.6, 2.75], [20, 22], [5, 6], [150, 160], [0.07], [0.1, 0.12]],
+        [[2.5], [15], [4], [120], [nan], [nan]],
+        [[4.0], [50], [9], [400], [nan], [nan]],
+    ]
+    for i, row in enumerate(values):
+        for metric, vals in zip(metrics, row):
+            mean, ci = mean_ci(vals)
+            got_mean, got_ci = table.data.loc[i, f"{metric}_mean"], table.data.loc[i, f"{metric}_ci95"]
+            assert (got_mean == pytest.approx(mean, rel=1e-12)) if not math.isnan(mean) else math.isnan(got_mean)
+            assert (got_ci == pytest.approx(ci, rel=1e-12)) if not math.isnan(ci) else math.isnan(got_ci)
+    # The per-run rows come back with their setting's stem and the method's order.
+    assert rows[["run_dir", "setting", "_order"]].values.tolist() == [
+        ["a_adam", C10, 9], ["b_asam", C10, 2], ["c_sam0", C10, 1], ["d_sam1", C10, 1], ["e_sam2", C10, 1],
+        ["f_sgd0", C10, 0], ["g_sgd1", C10, 0], ["h_sgd2", C10, 0], ["z_c100", C100, 0]]
+    assert list(rows.columns[-2:]) == ["setting", "_order"]
+    assert S.METHOD_ORDER == {"sgd": 0, "sam": 1, "asam": 2}
+
+
+def test_sharpness_table_one_method_without_rho_and_settings_sharing_a_stem(tmp_path: Path) -> None:
+    put(write_run(tmp_path, "a", test_err=3.0, optimizer="sgd", lr=0.2), sdoc(10, 2, 100))
+    put(write_run(tmp_path, "b", test_err=4.0, optimizer="sgd", lr=0.1), sdoc(12, 2.5, 110))
+    put(write_run(tmp_path, "c", test_err=5.0, optimizer="sgd", lr=0.1, seed=1), sdoc(14, 3, 120))
+    table, rows = S.sharpness_table(load_runs(tmp_path).runs)
+    assert rows["rho"].tolist() == [None, None, None]
+    keys = {lr: json.dumps({**json.loads(figure_key()), "lr": lr}, sort_keys=True) for lr in (0.1, 0.2)}
+    stem = {lr: f"{C10}_{hashlib.sha1(k.encode()).hexdigest()[:6]}" for lr, k in keys.items()}
+    order = sorted([0.1, 0.2], key=lambda lr: stem[lr])
+    by_lr = {0.1: ["2", "4.5 ± 6.4", "13 ± 13", "2.75 ± 3.2", "115 ± 64"], 0.2: ["1", "3", "10", "2", "100"]}
+    assert list(table.display.columns) == ["setting", "method", "n", "measured on", "test error (%)", "lambda_max",
+                                           "lambda_max / lambda_5", "trace"]
+    assert table.display.values.tolist() == [[stem[lr], "SGD", by_lr[lr][0], ON_512, *by_lr[lr][1:]] for lr in order]
+
+
+# -- _contour_levels, landscape_figures, generate --------------------------------------------------
+
+def test_contour_levels_span_every_grid() -> None:
+    a = np.array([[1.0, np.nan], [2.0, 3.0]])
+    b = np.array([[np.nan, 7.5], [0.5, 4.0]])
+    np.testing.assert_array_equal(S._contour_levels([a, b]), np.linspace(0.5, 7.5, 16))
+    np.testing.assert_array_equal(S._contour_levels([b, a]), np.linspace(0.5, 7.5, 16))
+    np.testing.assert_array_equal(S._contour_levels([a]), np.linspace(1.0, 3.0, 16))
+    flat = S._contour_levels([np.full((2, 2), 2.0), np.array([[2.0, np.nan]])])
+    assert flat.tolist() == [2.0, 2.0 + 1e-9]  # one level band even on a flat landscape
+
+
+ALPHA, BETA = [-1.0, 0.0, 1.0], [-0.5, 0.5]
+
+
+def landscape(d1_loss: list[float], d2_loss: list[list[float]] | None = None) -> dict:
+    out = {"d1": {"alpha": ALPHA, "loss": d1_loss}}
+    if d2_loss is not None:
+        out["d2"] = {"alpha": ALPHA, "beta": BETA, "loss": d2_loss}
+    return out
+
+
+def capture_figures(monkeypatch: pytest.MonkeyPatch, save: bool = False) -> list:
+    """Record each figure landscape_figures saves (and write it only when `save`)."""
+    figures = []
+    real = S._save
+
+    def record(fig, path):
+        figures.append(fig)
+        return real(fig, path) if save else path
+
+    monkeypatch.setattr(S, "_save", record)
+    return figures
+
+
+def check_line(line, x, y, color, *, marker="o", ls="-", ms=3.0, label=None) -> None:
+    np.testing.assert_array_equal(np.asarray(line.get_xdata(), dtype=float), x)
+    np.testing.assert_array_equal(np.asarray(line.get_ydata(), dtype=float), y)
+    assert to_rgba(line.get_color()) == to_rgba(color)
+    assert (line.get_marker(), line.get_linestyle()) == (marker, ls)
+    if marker == "o":
+        assert line.get_markersize() == ms
+    if label is not None:
+        assert line.get_label() == label
+
+
+def legend(ax) -> list[str]:
+    texts = ax.get_legend().get_texts()
+    assert all(t.get_fontsize() == pytest.approx(8.33) for t in texts)  # "small" in the default style
+    return [t.get_text() for t in texts]
+
+
+def test_landscape_figures_content(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = tmp_path / "runs"
+    sgd_grid = [[0.0, 1.0], [2.0, 3.0], [4.0, 5.0]]
+    sam_grid = [[1, None], [2, 9], [3, 4]]  # JSON null: a point not measured
+    interp = {"t": [0.0, 0.5, 1.0], "loss": [0.5, 1.5, 0.6], "other": {"optimizer": "sam"}}
+    put(write_run(root, "z_sgd", test_err=3.0, optimizer="sgd"),
+        sdoc(40, 8, 300, landscape=landscape([2.0, 0.5, 2.5], sgd_grid), interpolation=interp))
+    put(write_run(root, "a_sam1", test_err=2.5, seed=1),
+        sdoc(20, 5, 150, landscape=landscape([1.5, 0.4, 1.6]),
+             interpolation={"t": [0.0, 1.0], "loss": [9.0, 9.0], "other": {"optimizer": "sgd"}}))
+    put(write_run(root, "b_sam0", test_err=2.6, seed=0), sdoc(21, 5, 155, landscape=landscape([1.4, 0.3, 1.7], sam_grid)))
+    put(write_run(root, "c_adam", test_err=4.0, optimizer="adam", seed=0),
+        sdoc(50, 9, 400, landscape=landscape([3.0, 1.0, 3.0])))
+    put(write_run(root, "d_sam2", test_err=2.7, seed=2), sdoc(22, 5, 156, landscape={"d1": {}}))  # no slice: not drawn
+    put(write_run(root, "e_sam3", test_err=2.8, seed=3), sdoc(23, 5, 157))  # no landscape: not drawn
+    # cifar100 sorts first and has no 1D slice: no figure for it, and cifar10's still comes.
+    put(write_run(root, "y_c100", test_err=19.0, optimizer="sgd", dataset="cifar100"),
+        sdoc(30, 3, 200, landscape={"d2": {"alpha": ALPHA, "beta": BETA, "loss": sgd_grid}}, interpolation=interp))
+    _, rows = S.sharpness_table(load_runs(root).runs)
+    figures = capture_figures(monkeypatch, save=True)
+    out = tmp_path / "out"
+    out.mkdir()
+    with matplotlib.rc_context({"axes.facecolor": "yellow", "image.cmap": "plasma", "legend.fontsize": "large"}):
+        plot = S.landscape_figures(rows, out)
+    name = f"sharpness_{C10}"
+    assert plot.files == [out / f"{name}.png"] and len(figures) == 1
+    with Image.open(out / f"{name}.png") as im:
+        assert im.size == (4 * 420, 380)  # 1D + two 2D slices + the interpolation, at 100 dpi
+    fig = figures[0]
+    assert isinstance(fig.get_layout_engine(), ConstrainedLayoutEngine)
+    assert tuple(fig.get_size_inches()) == pytest.approx((4.2 * 4, 3.8))
+    assert fig._suptitle.get_text() == f"{C10}: loss landscape (SGD vs SAM)"
+    one, sgd2d, sam2d, lin, cbar = fig.axes
+    assert to_rgba(one.get_facecolor()) == to_rgba("white")  # the default style, not the caller's rcParams
+    # 1D: every run with a slice, in method order (SGD, SAM, others), then seed.
+    assert (one.get_title(), one.get_xlabel(), one.get_ylabel()) == (
+        "1D slice", "alpha (filter-normalized direction)", "training loss (subset)")
+    lines = one.get_lines()
+    assert len(lines) == 4
+    check_line(lines[0], ALPHA, [2.0, 0.5, 2.5], "tab:blue", label="SGD seed 0")
+    check_line(lines[1], ALPHA, [1.4, 0.3, 1.7], "tab:red", label="SAM seed 0")
+    check_line(lines[2], ALPHA, [1.5, 0.4, 1.6], "tab:red", label="SAM seed 1")
+    check_line(lines[3], ALPHA, [3.0, 1.0, 3.0], "tab:gray", label="ADAM seed 0")
+    assert all(line.get_linewidth() == 1.5 for line in lines)
+    assert legend(one) == ["SGD seed 0", "SAM seed 0", "SAM seed 1", "ADAM seed 0"]
+    # 2D: one panel per run with a 2D slice, on shared contour levels.
+    levels = np.linspace(0.0, 9.0, 16)
+    for ax, title, grid in [(sgd2d, "2D slice: SGD seed 0", sgd_grid), (sam2d, "2D slice: SAM seed 0", sam_grid)]:
+        assert (ax.get_title(), ax.get_xlabel(), ax.get_ylabel(), ax.get_aspect()) == (title, "beta", "alpha", 1.0)
+        (cs,) = ax.collections
+        np.testing.assert_array_equal(cs.levels, levels)
+        assert cs.cmap.name == "viridis" and cs.filled
+        assert ax.get_xlim() == (-0.5, 0.5) and ax.get_ylim() == (-1.0, 1.0)  # x: beta, y: alpha
+        assert ax.get_lines() == [] and ax.get_legend() is None
+    assert sam2d.collections[0].colorbar.ax is cbar and sgd2d.collections[0].colorbar is None
+    assert cbar.get_ylabel() == "training loss (same scale)"
+    # Interpolation: the first run in method order that has one (SGD at t = 0, the other run at t = 1).
+    assert (lin.get_title(), lin.get_xlabel(), lin.get_ylabel()) == ("linear interpolation", "t", "training loss (subset)")
+    curve, v0, v1 = lin.get_lines()
+    check_line(curve, [0.0, 0.5, 1.0], [0.5, 1.5, 0.6], "black")
+    check_line(v0, [0, 0], [0, 1], "tab:blue", marker="None", ls="--", label="SGD (t=0)")
+    check_line(v1, [1, 1], [0, 1], "tab:red", marker="None", ls="--", label="SAM (t=1)")
+    assert v0.get_linewidth() == 1 and v1.get_linewidth() == 1 and curve.get_linewidth() == 1.5
+    assert legend(lin) == ["SGD (t=0)", "SAM (t=1)"]
+    # The numbers behind the figure.
+    nan = math.nan
+    want = [(name, "z_sgd", "sgd", "1d", a, nan, v) for a, v in zip(ALPHA, [2.0, 0.5, 2.5])]
+    want += [(name, "b_sam0", "sam", "1d", a, nan, v) for a, v in zip(ALPHA, [1.4, 0.3, 1.7])]
+    want += [(name, "a_sam1", "sam", "1d", a, nan, v) for a, v in zip(ALPHA, [1.5, 0.4, 1.6])]
+    want += [(name, "c_adam", "adam", "1d", a, nan, v) for a, v in zip(ALPHA, [3.0, 1.0, 3.0])]
+    for run, opt, grid in [("z_sgd", "sgd", sgd_grid), ("b_sam0", "sam", sam_grid)]:
+        want += [(name, run, opt, "2d", a, b, nan if grid[i][j] is None else grid[i][j])
+                 for i, a in enumerate(ALPHA) for j, b in enumerate(BETA)]
+    want += [(name, "z_sgd", "sgd", "interpolation", t, nan, v) for t, v in zip([0.0, 0.5, 1.0], [0.5, 1.5, 0.6])]
+    expected = pd.DataFrame(want, columns=["figure", "run_dir", "optimizer", "panel", "x", "y", "loss"])
+    pd.testing.assert_frame_equal(plot.data, expected, check_dtype=False)
+
+
+def test_landscape_figures_1d_and_interpolation_without_colors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    interp = {"t": [0.0, 1.0], "loss": [1.0, 2.0]}  # the other run not named
+    put(write_run(tmp_path, "a", test_err=4.0, optimizer="adam", seed=5),
+        sdoc(50, 9, 400, landscape=landscape([3.0, 1.0, 3.0]), interpolation=interp))
+    put(write_run(tmp_path, "b", test_err=4.0, optimizer="adam", seed=6),
+        sdoc(50, 9, 400, landscape=landscape([3.0, 2.0, 3.0]), interpolation={"t": [], "loss": []}))
+    _, rows = S.sharpness_table(load_runs(tmp_path).runs)
+    figures = capture_figures(monkeypatch)
+    plot = S.landscape_figures(rows, tmp_path)
+    assert plot.files == [tmp_path / f"sharpness_{C10}.png"]
+    (fig,) = figures
+    assert tuple(fig.get_size_inches()) == pytest.approx((4.2 * 2, 3.8))
+    one, lin = fig.axes  # no 2D panel, no colorbar
+    assert [line.get_label() for line in one.get_lines()] == ["ADAM seed 5", "ADAM seed 6"]
+    curve, v0, v1 = lin.get_lines()
+    check_line(curve, [0.0, 1.0], [1.0, 2.0], "black")
+    check_line(v0, [0, 0], [0, 1], "gray", marker="None", ls="--", label="ADAM (t=0)")
+    check_line(v1, [1, 1], [0, 1], "gray", marker="None", ls="--", label="NONE (t=1)")
+    assert list(plot.data["panel"]) == ["1d"] * 6 + ["interpolation"] * 2
+    assert list(plot.data["run_dir"]) == ["a"] * 3 + ["b"] * 3 + ["a"] * 2
+
+
+def test_landscape_figures_1d_only_one_figure_per_setting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # In method order cifar10's SGD run comes first; the figures still come in the settings' order.
+    put(write_run(tmp_path, "a", test_err=4.0, optimizer="sgd"), sdoc(50, 9, 400, landscape=landscape([3.0, 1.0, 3.0])))
+    put(write_run(tmp_path, "b", test_err=4.0, dataset="cifar100"), sdoc(50, 9, 400, landscape=landscape([5.0, 4.0, 6.0])))
+    _, rows = S.sharpness_table(load_runs(tmp_path).runs)
+    figures = capture_figures(monkeypatch)
+    plot = S.landscape_figures(rows, tmp_path)
+    assert plot.files == [tmp_path / f"sharpness_{C100}.png", tmp_path / f"sharpness_{C10}.png"]
+    assert [fig._suptitle.get_text() for fig in figures] == [
+        f"{C100}: loss landscape (SGD vs SAM)", f"{C10}: loss landscape (SGD vs SAM)"]
+    for fig, label, loss in zip(figures, ["SAM seed 0", "SGD seed 0"], [[5.0, 4.0, 6.0], [3.0, 1.0, 3.0]]):
+        (ax,) = fig.axes
+        assert tuple(fig.get_size_inches()) == pytest.approx((4.2, 3.8))
+        assert legend(ax) == [label] and ax.get_lines()[0].get_ydata().tolist() == loss
+    assert list(plot.data.columns) == ["figure", "run_dir", "optimizer", "panel", "x", "y", "loss"]
+    assert plot.data[["figure", "run_dir", "optimizer", "panel"]].drop_duplicates().values.tolist() == [
+        [f"sharpness_{C100}", "b", "sam", "1d"], [f"sharpness_{C10}", "a", "sgd", "1d"]]
+    assert plot.data["x"].tolist() == ALPHA * 2 and plot.data["loss"].tolist() == [5.0, 4.0, 6.0, 3.0, 1.0, 3.0]
+    assert plot.data["y"].isna().all()
+
+
+def test_landscape_figures_without_rows_or_slices(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    figures = capture_figures(monkeypatch)
+    plot = S.landscape_figures(pd.DataFrame(), tmp_path)
+    assert plot.files == [] and plot.data.empty
+    assert list(plot.data.columns) == ["figure", "run_dir", "optimizer", "panel", "x", "y", "loss"]
+    put(write_run(tmp_path / "runs", "a", test_err=4.0), sdoc(50, 9, 400))
+    _, rows = S.sharpness_table(load_runs(tmp_path / "runs").runs)
+    plot = S.landscape_figures(rows, tmp_path)
+    assert plot.files == [] and plot.data.empty and figures == []
+    assert list(plot.data.columns) == ["figure", "run_dir", "optimizer", "panel", "x", "y", "loss"]
+
+
+def test_generate_replaces_stale_figures_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    for stale in ("sharpness_old.png", "sharpness_x_y.png"):
+        (out / stale).write_bytes(b"old")
+    for keep in ("sharpness.png", "sharpness.md", "sharpness_old.csv", "curves_a.png", "xsharpness_a.png"):
+        (out / keep).write_bytes(b"keep")
+    root = tmp_path / "runs"
+    put(write_run(root, "a", test_err=4.0, optimizer="sgd"), sdoc(50, 9, 400, landscape=landscape([3.0, 1.0, 3.0])))
+    write_run(root, "b", test_err=4.0)
+    figures = capture_figures(monkeypatch, save=True)
+    table, plot = S.generate(load_runs(root).runs, out)
+    assert table.display[["setting", "method", "n", "lambda_max"]].values.tolist() == [[C10, "SGD", "1", "50"]]
+    assert plot.files == [out / f"sharpness_{C10}.png"] and len(figures) == 1
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        ["sharpness.png", "sharpness.md", "sharpness_old.csv", "curves_a.png", "xsharpness_a.png", f"sharpness_{C10}.png"])
+    assert all((out / k).read_bytes() == b"keep" for k in ("sharpness.png", "sharpness.md", "curves_a.png"))
+    # Nothing measured any more: the old figure goes too.
+    (root / "a" / "sharpness.json").unlink()
+    table, plot = S.generate(load_runs(root).runs, out)
+    assert table.display.empty and plot.files == [] and not (out / f"sharpness_{C10}.png").exists()
