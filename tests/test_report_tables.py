@@ -198,6 +198,8 @@ def test_readme_summary(report) -> None:
                  "curves_cifar10_wrn28_10_basic_200ep.png", "rho_cifar10_wrn28_10_basic_15ep.png"):
         assert f"({name})" in text
     skipped = text.split("## Skipped / not final")[1]
+    assert skipped.lstrip("\n").startswith("| run directory ")
+    assert [c.strip() for c in skipped.lstrip("\n").splitlines()[0].split("|")[1:-1]] == ["run directory", "status", "reason"]
     for run_dir, reason in SKIPPED_REASONS.items():
         assert run_dir in skipped and reason in skipped
 
