@@ -569,3 +569,25 @@ def test_generate_replaces_stale_figures_only(tmp_path: Path, monkeypatch: pytes
     (root / "a" / "sharpness.json").unlink()
     table, plot = S.generate(load_runs(root).runs, out)
     assert table.display.empty and plot.files == [] and not (out / f"sharpness_{C10}.png").exists()
+
+
+def test_malformed_sections_are_left_out_and_never_crash_the_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run directory cannot crash the report: a malformed m-sharpness cell or landscape section is
+    left out, the rest of that run's document is still shown."""
+    figures = capture_figures(monkeypatch)
+    runs = tmp_path / "runs"
+    good_d1 = {"alpha": [-1.0, 0.0, 1.0], "loss": [2.0, 1.0, 2.0]}
+    bad_cells = [cell(16, None, 0.1), "not a cell", cell(16, "0.05", 0.2), cell(32, 0.05, 0.3)]
+    put(write_run(runs, "a", test_err=4.0, seed=0), sdoc(50, 9, 400, bad_cells, landscape={
+        "d1": good_d1, "d2": {"alpha": [0.0, 1.0], "beta": [0.0, 1.0], "loss": [[1.0, 2.0], [3.0]]}},
+        interpolation={"t": [0.0, 1.0], "loss": [1.0]}))
+    put(write_run(runs, "b", test_err=4.0, seed=1), sdoc(50, 9, 400, landscape={"d1": {"alpha": [0.0], "loss": None}}))
+    rows = S.sharpness_rows(load_runs(runs).runs)
+    assert [c for c in rows.columns if c.startswith("m-sharpness")] == ["m-sharpness m=32 rho=0.05"]
+    table, rows = S.sharpness_table(load_runs(runs).runs)
+    plot = S.landscape_figures(rows, tmp_path)
+    assert len(figures) == 1 and len(figures[0].axes) == 1  # the 1D slice of run a only: no 2D, no interpolation
+    assert set(plot.data["panel"]) == {"1d"} and set(plot.data["run_dir"]) == {"a"}
+    assert S._grid({"alpha": [0.0], "beta": [0.0, 1.0], "loss": [[1.0, None]]})  # a null point is drawn as a gap
+    assert not S._grid({"alpha": [0.0], "beta": [0.0], "loss": [["x"]]})
+    assert not S._curve({"alpha": [], "loss": []}, "alpha")

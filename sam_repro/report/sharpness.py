@@ -69,6 +69,8 @@ def sharpness_rows(runs: pd.DataFrame) -> pd.DataFrame:
                "lambda_ratio": _num(_get(doc, "hessian", "lambda_max_over_lambda_5")),
                "trace": _num(_get(doc, "hessian", "trace", "value"))}
         for cell in _get(doc, "msharpness", "cells") or []:
+            if not isinstance(cell, dict) or math.isnan(_num(cell.get("rho"))):
+                continue  # a malformed cell is left out, never a crash of the report
             steps = cell.get("steps", 1)
             name = f"m-sharpness m={cell.get('m')} rho={cell.get('rho'):g}" + (f" {steps}-step" if steps != 1 else "")
             row[name] = _num(cell.get("value"))
@@ -116,6 +118,23 @@ def sharpness_table(runs: pd.DataFrame) -> tuple[Table, pd.DataFrame]:
     return Table("sharpness", "Sharpness of the minima", pd.DataFrame(display), pd.DataFrame(data), notes), rows
 
 
+def _curve(section: Any, x: str) -> bool:
+    """A drawable 1D section: non-empty lists `x` and `loss` of one length (else it is not drawn)."""
+    xs, loss = _get(section, x), _get(section, "loss")
+    return isinstance(xs, list) and isinstance(loss, list) and 0 < len(xs) == len(loss)
+
+
+def _grid(section: Any) -> bool:
+    """A drawable 2D section: `loss` is a len(alpha) x len(beta) grid of numbers or nulls."""
+    alpha, beta, loss = _get(section, "alpha"), _get(section, "beta"), _get(section, "loss")
+    if not (isinstance(alpha, list) and isinstance(beta, list) and isinstance(loss, list) and alpha and beta):
+        return False
+    try:
+        return np.asarray(loss, dtype=float).shape == (len(alpha), len(beta))
+    except (TypeError, ValueError):
+        return False
+
+
 def _contour_levels(grids: list[np.ndarray]) -> np.ndarray:
     lo = min(float(np.nanmin(g)) for g in grids)
     hi = max(float(np.nanmax(g)) for g in grids)
@@ -131,12 +150,12 @@ def landscape_figures(rows: pd.DataFrame, out: Path) -> Plot:
     long, files = [], []
     for setting, g in rows.sort_values(["_order", "seed", "run_dir"], kind="stable").groupby("setting", sort=True):
         docs = [(r, read_sharpness(r.abs_dir)) for r in g.itertuples()]
-        docs = [(r, d) for r, d in docs if _get(d, "landscape", "d1")]
+        docs = [(r, d) for r, d in docs if _curve(_get(d, "landscape", "d1"), "alpha")]
         if not docs:
             continue
         name = f"sharpness_{setting}"
-        two_d = [(r, d) for r, d in docs if _get(d, "landscape", "d2")]
-        interp = [(r, d) for r, d in docs if _get(d, "interpolation", "t")]
+        two_d = [(r, d) for r, d in docs if _grid(_get(d, "landscape", "d2"))]
+        interp = [(r, d) for r, d in docs if _curve(_get(d, "interpolation"), "t")]
         ncols = 1 + len(two_d) + (1 if interp else 0)
         with matplotlib.style.context("default"):
             fig = Figure(figsize=(4.2 * ncols, 3.8), layout="constrained")
