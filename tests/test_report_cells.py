@@ -18,7 +18,7 @@ from tests.conftest_report import write_run
 
 from sam_repro.report import paper
 from sam_repro.report.load import load_runs
-from sam_repro.report.tables import match_setting, paper_cells
+from sam_repro.report.tables import diff_fields, match_setting, paper_cells
 
 # key -> a departing value; a run differing from the paper's setting only here fills no cell.
 MUST_MATCH: dict[str, Any] = {
@@ -157,3 +157,53 @@ def test_a_final_error_that_is_not_a_number_is_skipped(tmp_path: Path, bad: Any)
     loaded = load_runs(tmp_path)
     assert loaded.runs.empty
     assert loaded.skipped.set_index("run_dir").loc["x", "reason"] == f"final.test_err is {bad!r}"
+
+
+# the exact phrase the report prints for each departure (budget.md's "differences from the paper")
+PHRASES: dict[str, list[tuple[str, str]]] = {
+    "augment": [("augment", "augment autoaugment (paper basic)")],
+    "batch_size": [("batch_size", "batch_size 128 (paper 256)")],
+    "data.source": [("data.source", "data folder (paper torchvision)")],
+    "dataset": [("dataset", "dataset cifar100 (paper cifar10)")],
+    "device_batch": [("device_batch", "device_batch 256 (paper 32: BatchNorm per device)")],
+    "epochs": [("epochs", "epochs 37 (paper 200)")],
+    "label_noise": [("label_noise", "label_noise 0.2 (paper 0)")],
+    "m": [("m", "m 16 (paper 32)")],
+    "model": [("model", "model resnet20 (paper wrn28_10)")],
+    "noise_kind": [("noise_kind", "noise_kind asymmetric (paper symmetric)")],
+    "optimizer": [("optimizer", "optimizer sgd (paper sam)"), ("rho", "rho null (paper 0.05)"), ("p", "p null (paper 2)"),
+                  ("m", "m null (paper 32)")],
+    "p": [("p", "p inf (paper 2)")],
+    "rho": [("rho", "rho 0.07 (paper 0.05)")],
+    "train_steps": [("train_steps", "train_steps 1234 (paper counts epochs)")],
+    "val_fraction": [("val_fraction", "val_fraction 0.1 (paper 0, the whole training set)")],
+}
+
+
+@pytest.mark.parametrize("key", sorted(MUST_MATCH))
+def test_each_departure_is_named_in_its_own_words(key: str, cells) -> None:
+    base = NOISY if key == "noise_kind" else BASE
+    exp = cells.set_index("order").loc[match_setting(base, cells).cells[0], "expected"]
+    setting = {**base, key: MUST_MATCH[key]}
+    if key == "optimizer":
+        setting.update(rho=None, p=None, adaptive=None, m=None, bn_stats=None)
+    assert diff_fields(setting, exp) == PHRASES[key]
+
+
+def test_departures_in_step_counted_cells_and_absent_values(cells) -> None:
+    by = cells.set_index("order")["expected"]
+    b7 = next(e for e in by if e.counts_steps and e.train_steps == 5000 and e.optimizer == "sam")
+    base = {"dataset": b7.dataset, "model": b7.model, "augment": b7.augment, "label_noise": 0.0, "optimizer": "sam",
+            "rho": b7.rho, "p": 2, "batch_size": b7.batch_size, "data.source": b7.source, "train_steps": 5000, "epochs": 3}
+    assert diff_fields(base, b7) == []
+    assert diff_fields({**base, "train_steps": None}, b7) == [("train_steps", "epochs 3 (paper counts steps)")]
+    assert diff_fields({**base, "train_steps": 4999}, b7) == [("train_steps", "train_steps 4999 (paper 5000)")]
+    sgd = next(e for e in by if e.optimizer == "sgd" and e.epochs and len(e.epochs) == 2 and e.device_batch == 32)
+    run = {"dataset": sgd.dataset, "model": sgd.model, "augment": sgd.augment, "optimizer": "sgd", "batch_size": 256,
+           "data.source": "torchvision", "epochs": sgd.epochs[1], "device_batch": None}
+    assert diff_fields(run, sgd) == [("device_batch", "device_batch null (paper 32: BatchNorm per device)")]
+    assert diff_fields({**run, "device_batch": 32, "epochs": 7}, sgd) == [
+        ("epochs", f"epochs 7 (paper {sgd.epochs[0]} or {sgd.epochs[1]})")]
+    # label noise and val_fraction logged as null read as 0; noise_kind is only checked when there is noise
+    assert diff_fields({**run, "device_batch": 32, "label_noise": None, "val_fraction": None,
+                        "noise_kind": "asymmetric"}, sgd) == []

@@ -171,7 +171,7 @@ def diff_fields(setting: dict[str, Any], exp: paper.Expected) -> list[tuple[str,
     if exp.rho is not None and not _same(_num(setting.get("rho")), exp.rho):
         add("rho", f"rho {_g(_num(setting.get('rho')))} (paper {exp.rho:g})")
     if exp.p is not None and not _same(_num(setting.get("p")), exp.p):
-        add("p", f"p {setting.get('p')} (paper {exp.p:g})")
+        add("p", f"p {_g(_num(setting.get('p')))} (paper {exp.p:g})")
     steps = setting.get("train_steps")
     if exp.counts_steps:
         if steps is None:
