@@ -197,6 +197,10 @@ def test_readme_summary(report) -> None:
     for name in ("table1.md", "table5.csv", "budget.md", "label_noise.png",
                  "curves_cifar10_wrn28_10_basic_200ep.png", "rho_cifar10_wrn28_10_basic_15ep.png"):
         assert f"({name})" in text
+    for kind, name in (("learning curves", "curves_cifar10_wrn28_10_basic_200ep.png"), ("label noise", "label_noise.png"),
+                       ("rho sweep", "rho_cifar10_wrn28_10_basic_15ep.png")):
+        assert f"\n- {kind}: [{name}]({name})\n" in text
+    assert sorted(set(report.plots["label noise"].data["noise"])) == [20, 40, 60, 80]  # drawn from Table 4
     skipped = text.split("## Skipped / not final")[1]
     assert skipped.lstrip("\n").startswith("| run directory ")
     assert [c.strip() for c in skipped.lstrip("\n").splitlines()[0].split("|")[1:-1]] == ["run directory", "status", "reason"]
@@ -232,7 +236,7 @@ def test_two_generations_are_byte_identical(runs_root: Path, tmp_path: Path) -> 
 
 
 def test_regenerating_removes_plots_of_settings_that_are_gone(tmp_path: Path) -> None:
-    runs, out = tmp_path / "runs", tmp_path / "out"
+    runs, out = tmp_path / "runs", tmp_path / "new" / "out"  # the output folder and its parent are made
     write_run(runs, "r", test_err=3.0, curve=[10.0, 3.0])
     generate(runs, out)
     assert (out / "curves_cifar10_wrn28_10_basic_200ep.png").exists()
