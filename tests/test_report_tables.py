@@ -404,3 +404,46 @@ def test_readme_names_the_hardware_of_paper_cell_runs_unknown_included(tmp_path:
     generate(bare, tmp_path / "out2")
     assert "- Hardware (env.device of the runs in paper cells): none (no runs in paper cells).\n" in \
         (tmp_path / "out2" / "README.md").read_text()
+
+
+def _cell_runs(groups: dict[str, list[float]], column: str = "final.test_err") -> pd.DataFrame:
+    """Runs of one cell: setting_key (a JSON setting with its epochs and lr) -> the seeds' values."""
+    rows = [{"setting_key": key, column: v} for key, values in groups.items() for v in values]
+    return pd.DataFrame(rows)
+
+
+def _key(epochs: int, lr: float) -> str:
+    return json.dumps({"epochs": epochs, "lr": lr}, sort_keys=True)
+
+
+def test_cell_stats_show_the_largest_group_and_name_the_others() -> None:
+    from sam_repro.report.tables import _cell_stats
+
+    runs = _cell_runs({_key(200, 0.2): [3.0, 3.2], _key(200, 0.1): [4.0, 4.4, 4.2], _key(200, 0.05): [1.0, 1.4]})
+    stats_, extra, notes = _cell_stats(runs, "top1_err", False, 200)
+    assert (stats_.n, stats_.mean, extra) == (3, pytest.approx(4.2), "")  # most seeds wins, not the best mean
+    assert notes == [f"also {fmt} with lr {lr} (not shown)" for fmt, lr in
+                     (("1.20 ± 2.54 (n=2)", 0.05), ("3.10 ± 1.27 (n=2)", 0.2))]  # in setting-key order
+    tie = _cell_runs({_key(200, 0.2): [3.0, 3.2], _key(200, 0.1): [4.0, 4.4]})
+    assert _cell_stats(tie, "top1_err", False, 200)[0].mean == pytest.approx(4.2)  # a tie: the first key ("lr": 0.1)
+
+
+def test_cell_stats_best_of_two_budgets_by_the_metrics_direction() -> None:
+    from sam_repro.report.tables import _cell_stats
+
+    runs = _cell_runs({_key(200, 0.1): [80.0, 82.0], _key(400, 0.1): [85.0, 86.0]}, "final.test_acc")
+    s, extra, notes = _cell_stats(runs, "top1_acc", True, 200)  # accuracy: higher is better
+    assert (s.mean, extra) == (85.5, ", 400 ep") and notes == ["also 81.00 ± 12.71 (n=2) with epochs 200 (not shown)"]
+    runs = _cell_runs({_key(200, 0.1): [20.0, 18.0], _key(400, 0.1): [15.0, 14.0]})
+    s, extra, _ = _cell_stats(runs, "top1_err", True, 200)  # error: lower is better
+    assert (s.mean, extra) == (14.5, ", 400 ep")
+    s, extra, _ = _cell_stats(runs, "top1_err", False, 200)  # no allowance: the paper's budget (first key)
+    assert (s.mean, extra) == (19.0, "")
+
+
+def test_cell_stats_of_no_runs_or_no_values() -> None:
+    from sam_repro.report.tables import _cell_stats
+
+    for runs in (pd.DataFrame({"setting_key": []}), _cell_runs({_key(200, 0.1): [math.nan, math.inf]})):
+        s, extra, notes = _cell_stats(runs, "top1_err", True, 200)
+        assert (s.n, extra, notes) == (0, "", [])
