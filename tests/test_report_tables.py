@@ -447,3 +447,43 @@ def test_cell_stats_of_no_runs_or_no_values() -> None:
     for runs in (pd.DataFrame({"setting_key": []}), _cell_runs({_key(200, 0.1): [math.nan, math.inf]})):
         s, extra, notes = _cell_stats(runs, "top1_err", True, 200)
         assert (s.n, extra, notes) == (0, "", [])
+
+
+def test_number_formats_of_the_tables() -> None:
+    from sam_repro.report.tables import DASH, Stats, _decimals, _g, _num, _same, fmt_diff, fmt_ours, fmt_paper
+
+    assert fmt_ours(Stats(0, math.nan, math.nan, math.nan)) == DASH == "—"
+    assert fmt_ours(Stats(1, 2.714, math.nan, math.nan)) == "2.71 (n=1)"
+    assert fmt_ours(Stats(5, 2.714, 0.1, 0.0849), ", 400 ep") == "2.71 ± 0.08 (n=5, 400 ep)"
+    assert (fmt_paper("2.1", "<0.1"), fmt_paper("84.8", "")) == ("2.1 ± <0.1", "84.8")
+    assert (fmt_diff(-0.754), fmt_diff(0.05, 1), fmt_diff(0.0), fmt_diff(math.nan), fmt_diff(None)) == \
+        ("-0.75", "+0.1", "+0.00", DASH, DASH)
+    assert (_decimals("2.75"), _decimals("3"), _decimals("0.1")) == (2, 0, 1)
+    assert (_g(None), _g(0.05), _g(200.0), _g(math.inf)) == ("null", "0.05", "200", "inf")
+    assert (_num(None), _num("inf"), _num("x"), _num([1]), _num(3)) == (None, math.inf, None, None, 3.0)
+    assert _same(0.1, 0.1 + 1e-12) and not _same(0.1, 0.1001) and _same(0.0, 1e-13) and not _same(0.0, 1e-11)
+    assert not _same(None, 0.1) and not _same(0.1, None) and not _same(None, None)
+
+
+def test_ran_on_names_each_device_and_short_sha_once() -> None:
+    from sam_repro.report.tables import ran_on
+
+    group = pd.DataFrame({"env.device": ["H100", "H100", None], "env.git_sha": ["0123456789", "0123456789", None]})
+    assert ran_on(group) == "? @ ?, H100 @ 0123456"
+    assert ran_on(pd.DataFrame({"x": [1, 2]})) == "? @ ?"  # runs that log neither
+    assert ran_on(pd.DataFrame({"env.device": ["", "A"], "env.git_sha": ["", "abcdef0123"]})) == "? @ ?, A @ abcdef0"
+
+
+def test_markdown_rendering_of_a_table() -> None:
+    from sam_repro.report.tables import Missing, Table, markdown_table, to_markdown
+
+    assert markdown_table(pd.DataFrame()) == "_(none)_"
+    t = Table("t", "Title", pd.DataFrame([{"a": "1.50", "b": "x"}]), pd.DataFrame(), notes=["n1", "n2"],
+              missing=[Missing(4, "20%", ["sam", "sgd"], "sam-train -m x"), Missing(4, "40%", ["sgd"], "sam-train -m y")],
+              sections=[("More", pd.DataFrame([{"c": "0.10"}]))])
+    assert to_markdown(t) == (
+        "# Title\n\n| a    | b   |\n|------|-----|\n| 1.50 | x   |\n\n- n1\n- n2\n\n## More\n\n| c    |\n|------|\n| 0.10 |\n\n"
+        "## Empty cells: the commands that fill them\n\nThe whole table: `bash scripts/table4.sh`\n\n"
+        "| row   | empty    | command          |\n|-------|----------|------------------|\n"
+        "| 20%   | sam, sgd | `sam-train -m x` |\n| 40%   | sgd      | `sam-train -m y` |\n")
+    assert to_markdown(Table("t", "T", pd.DataFrame(), pd.DataFrame())) == "# T\n\n_(none)_\n"
