@@ -439,6 +439,12 @@ def test_cell_stats_best_of_two_budgets_by_the_metrics_direction() -> None:
     assert (s.mean, extra) == (14.5, ", 400 ep")
     s, extra, _ = _cell_stats(runs, "top1_err", False, 200)  # no allowance: the paper's budget (first key)
     assert (s.mean, extra) == (19.0, "")
+    tie = _cell_runs({_key(400, 0.1): [15.0, 14.0], _key(200, 0.1): [14.0, 15.0], _key(200, 0.2): [1.0]})
+    s, extra, notes = _cell_stats(tie, "top1_err", True, 200)  # equal means: the first setting key wins
+    assert (s.mean, extra) == (14.5, "")
+    assert notes == ["also 14.50 ± 6.35 (n=2) with epochs 400 (not shown)", "also 1.00 (n=1) with lr 0.2 (not shown)"]
+    two = _cell_runs({_key(200, 0.1): [3.0, 3.0], _key(400, 0.2): [9.0]})
+    assert _cell_stats(two, "top1_err", False, 200)[2] == ["also 9.00 (n=1) with epochs 400, lr 0.2 (not shown)"]
 
 
 def test_cell_stats_of_no_runs_or_no_values() -> None:
