@@ -493,3 +493,48 @@ def test_markdown_rendering_of_a_table() -> None:
         "| row   | empty    | command          |\n|-------|----------|------------------|\n"
         "| 20%   | sam, sgd | `sam-train -m x` |\n| 40%   | sgd      | `sam-train -m y` |\n")
     assert to_markdown(Table("t", "T", pd.DataFrame(), pd.DataFrame())) == "# T\n\n_(none)_\n"
+
+
+def test_epoch_distance_is_the_log_ratio_to_the_nearest_allowed_budget() -> None:
+    from sam_repro.report.paper import Expected
+    from sam_repro.report.tables import _epoch_distance
+
+    exp = Expected("cifar10", "wrn28_10", "basic", 0.0, "sgd", None, (200, 400), None, 256)
+    assert _epoch_distance({"epochs": 100}, exp) == pytest.approx(math.log(2))
+    assert _epoch_distance({"epochs": 1600}, exp) == pytest.approx(math.log(4))  # nearest of 200 and 400
+    assert _epoch_distance({"epochs": 1}, exp) == pytest.approx(math.log(200))
+    assert _epoch_distance({"epochs": "300"}, exp) == pytest.approx(math.log(4 / 3))
+    for unknown in ({}, {"epochs": None}, {"epochs": 0}, {"epochs": -3}):
+        assert _epoch_distance(unknown, exp) == 0.0
+    assert _epoch_distance({"epochs": 100}, Expected("c", "m", None, 0.0, "sam", 0.05, None, None, 256)) == 0.0
+
+
+@pytest.fixture(scope="module")
+def cells() -> pd.DataFrame:
+    from sam_repro.report.tables import paper_cells
+
+    return paper_cells()
+
+
+def test_nearest_cell_prefers_the_closer_epoch_budget(cells) -> None:
+    from sam_repro.report.tables import match_setting
+
+    run = {"dataset": "cifar10", "model": "wrn28_10", "augment": "basic", "label_noise": 0.0, "optimizer": "sam",
+           "rho": 0.05, "p": 2, "batch_size": 256, "device_batch": 32, "m": 32, "data.source": "torchvision"}
+    by = cells.set_index("order")
+    for epochs, want in ((250, 200), (1500, 1800)):
+        m = match_setting({**run, "epochs": epochs}, cells)
+        assert m.cells == [] and by.loc[m.nearest, "expected"].epochs == (want,)
+        assert m.diffs == [f"epochs {epochs} (paper {want})"]
+
+
+def test_row_labels_name_our_model_the_epochs_and_the_noise_in_percent(cells) -> None:
+    from sam_repro.report.tables import _row_label
+
+    first = lambda **kw: cells[pd.concat([cells[k] == v for k, v in kw.items()], axis=1).all(axis=1)].iloc[0]  # noqa: E731
+    row = first(table=1, dataset="cifar10", model="pyramidnet", augment="basic")
+    assert _row_label(row, ("dataset", "model", "epochs", "augment"), True) == {
+        "dataset": "cifar10", "model": "pyramidnet272", "epochs": "1800*", "augment": "basic"}
+    assert _row_label(first(table=1, dataset="cifar10", model="wrn28_10", epochs="200"), ("epochs",), False) == {"epochs": "200"}
+    assert _row_label(first(table=4, label_noise=0.6), ("label_noise",), False) == {"label_noise": "60%"}
+    assert _row_label(first(table=3, dataset="flowers102"), ("dataset", "epochs"), False) == {"dataset": "flowers102", "epochs": "—"}
