@@ -538,3 +538,4 @@ def test_row_labels_name_our_model_the_epochs_and_the_noise_in_percent(cells) ->
     assert _row_label(first(table=1, dataset="cifar10", model="wrn28_10", epochs="200"), ("epochs",), False) == {"epochs": "200"}
     assert _row_label(first(table=4, label_noise=0.6), ("label_noise",), False) == {"label_noise": "60%"}
     assert _row_label(first(table=3, dataset="flowers102"), ("dataset", "epochs"), False) == {"dataset": "flowers102", "epochs": "—"}
+    assert _row_label(first(table=3, dataset="imagenet"), ("epochs",), False) == {"epochs": "10"}  # PAPER.md: 10 epochs
