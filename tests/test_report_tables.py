@@ -539,3 +539,18 @@ def test_row_labels_name_our_model_the_epochs_and_the_noise_in_percent(cells) ->
     assert _row_label(first(table=4, label_noise=0.6), ("label_noise",), False) == {"label_noise": "60%"}
     assert _row_label(first(table=3, dataset="flowers102"), ("dataset", "epochs"), False) == {"dataset": "flowers102", "epochs": "—"}
     assert _row_label(first(table=3, dataset="imagenet"), ("epochs",), False) == {"epochs": "10"}  # PAPER.md: 10 epochs
+
+
+def test_budget_rows_sort_numbers_as_numbers_and_nulls_after_them() -> None:
+    from sam_repro.report.tables import BUDGET_FIELDS, _sort_key
+
+    base = {"dataset": "cifar10", "model": "resnet20", "augment": "basic", "label_noise": 0.0, "optimizer": "sam",
+            "rho": 0.05, "epochs": 15, "batch_size": 128, "data.source": "folder"}
+    settings = [{**base, "epochs": 15}, {**base, "epochs": 9}, {**base, "rho": None, "optimizer": "sgd"},
+                {**base, "dataset": "cifar100"}, {**base, "epochs": True}]
+    order = sorted(settings, key=_sort_key)
+    assert [(s["dataset"], s["epochs"], s["rho"]) for s in order] == [
+        ("cifar10", 9, 0.05), ("cifar10", 15, 0.05), ("cifar10", True, 0.05),  # 9 < 15 as numbers ("15" < "9"
+        ("cifar10", 15, None), ("cifar100", 15, 0.05)]  # as text); a bool and a null sort as text, after numbers
+    assert _sort_key(base)[BUDGET_FIELDS.index("epochs")] == (0, 15, "")
+    assert _sort_key({})[0] == (1, 0, "None")
