@@ -554,3 +554,44 @@ def test_budget_rows_sort_numbers_as_numbers_and_nulls_after_them() -> None:
         ("cifar10", 15, None), ("cifar100", 15, 0.05)]  # as text); a bool and a null sort as text, after numbers
     assert _sort_key(base)[BUDGET_FIELDS.index("epochs")] == (0, 15, "")
     assert _sort_key({})[0] == (1, 0, "None")
+
+
+def _ours(values: list[float]) -> str:
+    """A cell as the tables print it, computed here: mean ± t_{0.975,n-1} s / sqrt(n) (n)."""
+    n, mean = len(values), float(np.mean(values))
+    half = f" ± {stats.t.ppf(0.975, n - 1) * np.std(values, ddof=1) / math.sqrt(n):.2f}" if n > 1 else ""
+    return f"{mean:.2f}{half} (n={n})"
+
+
+def test_budget_table_rows_columns_and_order(report) -> None:
+    b = report.budget
+    h100, rtx = "NVIDIA H100 80GB HBM3 @ abc", "NVIDIA GeForce RTX 4090 @ abc"
+    wrn15 = ["cifar10", "wrn28_10", "basic", "0.0"]
+    assert list(b.display.columns) == ["dataset", "model", "augment", "label_noise", "optimizer", "rho", "epochs",
+                                       "batch_size", "data.source", "metric", "ours", "paper (nearest cell)",
+                                       "differences from the paper", "ran on (device @ git sha)"]
+    assert b.display.values.tolist() == [  # sorted by dataset, model, augment, noise, optimizer, rho, epochs, ...
+        ["cifar10", "resnet32", "basic", "0.8", "sam", "0.1", "200", "256", "torchvision", "top1_acc",
+         _ours([100 - 30.0]), "Table 4 SAM: 77.9", "rho 0.1 (paper 0.05)", h100],
+        [*wrn15, "sam", "0.05", "15", "256", "torchvision", "top1_err", _ours(FIX["budget_15ep"][0.05]),
+         "Table 1 SAM: 2.7 ± 0.1", "epochs 15 (paper 200)", rtx],
+        [*wrn15, "sam", "0.05", "200", "256", "folder", "top1_err", _ours(FIX["budget_folder"]),
+         "Table 1 SAM: 2.7 ± 0.1", "data folder (paper torchvision)", h100],
+        [*wrn15, "sam", "0.1", "15", "256", "torchvision", "top1_err", _ours(FIX["budget_15ep"][0.1]),
+         "Table 1 SAM: 2.7 ± 0.1", "rho 0.1 (paper 0.05); epochs 15 (paper 200)", rtx],
+        [*wrn15, "sam", "0.2", "15", "256", "torchvision", "top1_err", _ours(FIX["budget_15ep"][0.2]),
+         "Table 1 SAM: 2.7 ± 0.1", "rho 0.2 (paper 0.05); epochs 15 (paper 200)", rtx],
+        [*wrn15, "sgd", "—", "15", "256", "torchvision", "top1_err", _ours(FIX["budget_15ep_sgd"]),
+         "Table 1 SGD: 3.5 ± 0.1", "epochs 15 (paper 200 or 400)", rtx]]
+    assert list(b.data.columns) == ["kind", "dataset", "model", "augment", "label_noise", "optimizer", "rho", "epochs",
+                                    "batch_size", "data.source", "metric", "n", "mean", "ci95", "paper_table", "paper",
+                                    "differences", "ran_on"]
+    assert b.data["kind"].tolist() == ["budget", "synthetic", "budget", "budget", "budget", "budget", "budget"]
+    assert b.data["paper_table"].tolist() == ["4", "", "1", "1", "1", "1", "1"]
+    assert b.data["paper"].tolist()[:1] + b.data["paper"].tolist()[2:] == [77.9, 2.7, 2.7, 2.7, 2.7, 3.5]
+    assert math.isnan(b.data["paper"].iloc[1]) and pd.isna(b.data["rho"].iloc[-1])  # SGD: empty, not "None"
+    heading, synth = b.sections[0]
+    assert heading == "Synthetic-data runs (pipeline checks, not results)"
+    assert synth.values.tolist() == [["cifar10", "wrn28_10", "basic", "0.0", "sam", "0.05", "2", "256", "synthetic", "1",
+                                      "50.00 (n=1)", "synthetic data: a pipeline check, not a result"]]
+    assert list(synth.columns)[-3:] == ["n", "final test error (%)", "what"]
