@@ -590,6 +590,17 @@ def test_budget_table_rows_columns_and_order(report) -> None:
     assert b.data["paper_table"].tolist() == ["4", "", "1", "1", "1", "1", "1"]
     assert b.data["paper"].tolist()[:1] + b.data["paper"].tolist()[2:] == [77.9, 2.7, 2.7, 2.7, 2.7, 3.5]
     assert math.isnan(b.data["paper"].iloc[1]) and pd.isna(b.data["rho"].iloc[-1])  # SGD: empty, not "None"
+    budget = b.data[b.data["kind"] == "budget"]
+    values = [[70.0], FIX["budget_15ep"][0.05], FIX["budget_folder"], FIX["budget_15ep"][0.1], FIX["budget_15ep"][0.2],
+              FIX["budget_15ep_sgd"]]
+    assert budget["metric"].tolist() == ["top1_acc"] + ["top1_err"] * 5 and budget["n"].tolist() == [len(v) for v in values]
+    assert budget["mean"].tolist() == pytest.approx([np.mean(v) for v in values])
+    half = [stats.t.ppf(0.975, len(v) - 1) * np.std(v, ddof=1) / math.sqrt(len(v)) if len(v) > 1 else math.nan for v in values]
+    assert budget["ci95"].tolist() == pytest.approx(half, nan_ok=True)
+    assert budget["differences"].tolist() == [r[12] for r in b.display.values.tolist()]
+    assert budget["ran_on"].tolist() == [r[13] for r in b.display.values.tolist()]
+    synth_row = b.data[b.data["kind"] == "synthetic"].iloc[0]
+    assert (synth_row["metric"], synth_row["n"], synth_row["mean"], synth_row["differences"]) == ("top1_err", 1, 50.0, "")
     heading, synth = b.sections[0]
     assert heading == "Synthetic-data runs (pipeline checks, not results)"
     assert synth.values.tolist() == [["cifar10", "wrn28_10", "basic", "0.0", "sam", "0.05", "2", "256", "synthetic", "1",
