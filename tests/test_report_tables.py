@@ -606,3 +606,20 @@ def test_budget_table_rows_columns_and_order(report) -> None:
     assert synth.values.tolist() == [["cifar10", "wrn28_10", "basic", "0.0", "sam", "0.05", "2", "256", "synthetic", "1",
                                       "50.00 (n=1)", "synthetic data: a pipeline check, not a result"]]
     assert list(synth.columns)[-3:] == ["n", "final test error (%)", "what"]
+
+
+def test_a_run_with_no_paper_cell_is_listed_without_a_nearest_cell(tmp_path: Path, cells) -> None:
+    from sam_repro.report.load import load_runs
+    from sam_repro.report.tables import budget_table, match_runs
+
+    write_run(tmp_path, "svhn", test_err=5.0, dataset="svhn", model="resnet20")
+    runs = load_runs(tmp_path).runs
+    b = budget_table(runs, cells, match_runs(runs, cells))
+    row = b.display.iloc[0]
+    assert (row["paper (nearest cell)"], row["differences from the paper"], row["metric"]) == (
+        "—", "no paper cell for dataset svhn, model resnet20", "top1_err")
+    assert b.data["paper_table"].tolist() == [""] and math.isnan(b.data["paper"].iloc[0])
+    assert b.notes == ["Runs outside the paper's setting (fewer epochs, another rho, the JPEG folder copy of a dataset, "
+                       "...). They are never merged into the paper tables; each row says how it differs from the "
+                       "nearest paper cell. Ours: mean ± 95% CI over seeds (Student t)."]
+    assert b.sections == [] and (b.name, b.title) == ("budget", "Budget / non-paper runs")
