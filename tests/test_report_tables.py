@@ -623,3 +623,25 @@ def test_a_run_with_no_paper_cell_is_listed_without_a_nearest_cell(tmp_path: Pat
                        "...). They are never merged into the paper tables; each row says how it differs from the "
                        "nearest paper cell. Ours: mean ± 95% CI over seeds (Student t)."]
     assert b.sections == [] and (b.name, b.title) == ("budget", "Budget / non-paper runs")
+
+
+def test_paper_tables_title_columns_notes_and_empty_cells(report) -> None:
+    from sam_repro.report.tables import MATCH_NOTE, SPECS
+
+    t1, t4 = report.tables[0], report.tables[3]
+    assert t1.title == "Table 1: CIFAR-10 and CIFAR-100, trained from scratch — test error (%), lower is better"
+    methods = ["SAM (ours)", "SAM (paper)", "SGD (ours)", "SGD (paper)", "SAM-SGD (ours)", "SAM-SGD (paper)"]
+    assert list(t1.display.columns) == ["dataset", "model", "epochs", "augment", *methods]
+    assert list(t4.display.columns) == ["label_noise", *methods]
+    assert list(t1.data.columns) == list(t4.data.columns) == [
+        "dataset", "model", "epochs", "augment", "label_noise", "metric", "sam_mean", "sam_ci95", "sam_n", "sam_paper",
+        "sam_paper_ci95", "sgd_mean", "sgd_ci95", "sgd_n", "sgd_paper", "sgd_paper_ci95", "diff_ours", "diff_paper"]
+    assert str(t1.data["epochs"].dtype) == "Int64"
+    assert t4.notes[0] == ("Ours: final-epoch clean test accuracy (%), higher is better; mean ± 95% CI over seeds "
+                           "(Student t: t_{0.975,n-1}·s/√n; no CI for n=1), n = seeds. SAM-SGD: difference of the means.")
+    assert t1.notes[1] == MATCH_NOTE and t1.notes[2:4] == list(SPECS[1].notes)
+    assert t1.notes[4:] == [f"SGD cifar10 wrn28_10 200 basic: also {_ours(FIX['t1_c10_sgd_400'])} with epochs 400 (not shown)",
+                            f"SGD cifar100 wrn28_10 200 basic: also {_ours(FIX['t1_c100_sgd'])} with epochs 200 (not shown)"]
+    assert [(m.table, m.row, m.methods) for m in t4.missing] == [(4, f"{n}%", ["sam", "sgd"]) for n in (40, 60, 80)]
+    assert t1.missing[0].methods == ["sam"] and t1.missing[0].row == "cifar100 wrn28_10 200 basic"
+    assert len({m.command for m in report.tables[1].missing}) == len(report.tables[1].missing)  # top-1/top-5 once
