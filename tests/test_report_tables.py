@@ -645,3 +645,22 @@ def test_paper_tables_title_columns_notes_and_empty_cells(report) -> None:
     assert [(m.table, m.row, m.methods) for m in t4.missing] == [(4, f"{n}%", ["sam", "sgd"]) for n in (40, 60, 80)]
     assert t1.missing[0].methods == ["sam"] and t1.missing[0].row == "cifar100 wrn28_10 200 basic"
     assert len({m.command for m in report.tables[1].missing}) == len(report.tables[1].missing)  # top-1/top-5 once
+
+
+def test_write_table_writes_markdown_and_a_four_decimal_csv(tmp_path: Path) -> None:
+    from sam_repro.report.tables import Table, to_markdown, write_table
+
+    t = Table("x", "X", pd.DataFrame([{"a": "1"}]), pd.DataFrame({"m": [1 / 3, math.nan], "k": ["s", None]}))
+    assert write_table(t, tmp_path) == [tmp_path / "x.md", tmp_path / "x.csv"]
+    assert (tmp_path / "x.csv").read_bytes() == b"m,k\n0.3333,s\n,\n"  # no index, blank for missing, '\n' ends
+    assert (tmp_path / "x.md").read_bytes() == to_markdown(t).encode()
+
+
+def test_match_runs_matches_each_setting_once(cells) -> None:
+    from sam_repro.report.tables import match_runs
+
+    a = json.dumps({"dataset": "cifar10", "data.source": "synthetic"})
+    b = json.dumps({"dataset": "svhn", "model": "resnet20", "optimizer": "sam"})
+    got = match_runs(pd.DataFrame({"setting_key": [b, a, b]}), cells)
+    assert list(got) == sorted([a, b]) and got[a].synthetic and got[a].cells == []
+    assert got[b].diffs == ["no paper cell for dataset svhn, model resnet20"] and got[b].nearest is None
