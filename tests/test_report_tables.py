@@ -664,3 +664,18 @@ def test_match_runs_matches_each_setting_once(cells) -> None:
     got = match_runs(pd.DataFrame({"setting_key": [b, a, b]}), cells)
     assert list(got) == sorted([a, b]) and got[a].synthetic and got[a].cells == []
     assert got[b].diffs == ["no paper cell for dataset svhn, model resnet20"] and got[b].nearest is None
+
+
+def test_synthetic_seeds_are_aggregated_like_any_other_run(tmp_path: Path, cells) -> None:
+    from sam_repro.report.load import load_runs
+    from sam_repro.report.tables import budget_table, match_runs
+
+    for seed, err in enumerate((50.0, 54.0)):
+        write_run(tmp_path, f"s{seed}", test_err=err, seed=seed, source="synthetic", epochs=2)
+    runs = load_runs(tmp_path).runs
+    b = budget_table(runs, cells, match_runs(runs, cells))
+    row = b.data.iloc[0]
+    assert (row["kind"], row["n"], row["mean"], row["paper_table"], row["differences"]) == ("synthetic", 2, 52.0, "", "")
+    assert row["ci95"] == pytest.approx(stats.t.ppf(0.975, 1) * np.std([50.0, 54.0], ddof=1) / math.sqrt(2))
+    assert math.isnan(row["paper"]) and b.display.empty and b.sections[0][1]["final test error (%)"].tolist() == [
+        _ours([50.0, 54.0])]
