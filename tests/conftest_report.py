@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.mutation_scope import module_scope
 
 PAPER_RHO = {"cifar10": 0.05, "cifar100": 0.1}
 
@@ -148,13 +149,13 @@ SKIPPED_REASONS = {
 }
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope=module_scope)
 def runs_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The fixture run tree (module scope: written once per test module)."""
     return build_runs(tmp_path_factory.mktemp("runs"))
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope=module_scope)
 def report(runs_root: Path, tmp_path_factory: pytest.TempPathFactory):
     """One generation of the whole report from the fixture runs."""
     from sam_repro.report import generate

@@ -53,6 +53,17 @@ STATS = Path("mutmut-stats.json")
 FIXTURE_SETUP_S = {"report": 3.0, "drawn": 3.0, "runs_root": 0.3, "cells": 0.2}  # mutmut runs the tests from mutants/, where it keeps this file
 
 
+def module_scope(fixture_name: str, config: pytest.Config) -> str:
+    """The scope of a module-wide fixture that runs code under mutation (`@pytest.fixture(scope=module_scope)`).
+
+    mutmut's recorded pass ("stats") credits a function to the tests during which it ran; a
+    module-scoped fixture runs once, inside the first test that asks for it, so every later test of
+    the module looked as if it never reached the code it checks, and mutmut never ran it against a
+    mutant of that code (the README and deviations tests against report/__init__.py did not run).
+    In that pass alone the fixture is rebuilt per test; everywhere else it is built once per module."""
+    return "function" if os.environ.get("MUTANT_UNDER_TEST") == "stats" else "module"
+
+
 def warm_fork_server(config: pytest.Config) -> None:
     """In mutmut's fork server (a collect-only session with mutmut loaded), pay the lazy first-use
     costs that every mutant's process would otherwise pay again: Hydra's plugin discovery and config

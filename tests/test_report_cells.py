@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from tests.mutation_scope import module_scope
 from tests.conftest_report import write_run
 
 from sam_repro.report import paper
@@ -58,7 +59,7 @@ BASE: dict[str, Any] = {
 NOISY: dict[str, Any] = {**BASE, "model": "resnet32", "label_noise": 0.4, "rho": 0.1}  # Table 4, 40 % noise
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope=module_scope)
 def cells():
     return paper_cells()
 

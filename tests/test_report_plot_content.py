@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from tests.mutation_scope import module_scope
 from scipy import stats
 from matplotlib.collections import PolyCollection
 from matplotlib.colors import to_hex
@@ -21,7 +22,7 @@ from tests.conftest_report import FIX, curve_for, runs_root  # noqa: F401  (fixt
 from sam_repro.report import generate, plots
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope=module_scope)
 def drawn(runs_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Figure]:
     """file stem -> the Figure that was saved under it, for one generation of the report."""
     figures: dict[str, Figure] = {}

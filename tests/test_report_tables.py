@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from tests.mutation_scope import module_scope
 from tests.conftest_report import FIX, SKIPPED_REASONS, build_runs, report, runs_root, write_run  # noqa: F401
 from scipy import stats
 
@@ -509,7 +510,7 @@ def test_epoch_distance_is_the_log_ratio_to_the_nearest_allowed_budget() -> None
     assert _epoch_distance({"epochs": 100}, Expected("c", "m", None, 0.0, "sam", 0.05, None, None, 256)) == 0.0
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope=module_scope)
 def cells() -> pd.DataFrame:
     from sam_repro.report.tables import paper_cells
 
