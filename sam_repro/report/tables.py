@@ -405,9 +405,13 @@ def ran_on(group: pd.DataFrame) -> str:
     """Where a group of runs came from: device and short git sha of each (budget runs must say)."""
     devices = group["env.device"] if "env.device" in group else pd.Series([None] * len(group), index=group.index)
     shas = group["env.git_sha"] if "env.git_sha" in group else pd.Series([None] * len(group), index=group.index)
-    known = lambda v: bool(pd.notna(v) and v)  # noqa: E731  (a run that did not log it reads as NaN here)
-    return ", ".join(sorted({f"{d if known(d) else '?'} @ {str(sha)[:7] if known(sha) else '?'}"
+    return ", ".join(sorted({f"{d if _logged(d) else '?'} @ {str(sha)[:7] if _logged(sha) else '?'}"
                              for d, sha in zip(devices, shas)}))
+
+
+def _logged(value: Any) -> bool:
+    """A value a run logged: not None, not empty, and not the NaN pandas puts where a run logged nothing."""
+    return bool(pd.notna(value) and value)
 
 
 def budget_table(runs: pd.DataFrame, cells: pd.DataFrame, matches: dict[str, Match]) -> Table:
