@@ -156,6 +156,14 @@ def runs_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope=module_scope)
+def cells():
+    """The paper's SAM and SGD cells with their expected settings (report.tables.paper_cells)."""
+    from sam_repro.report.tables import paper_cells
+
+    return paper_cells()
+
+
+@pytest.fixture(scope=module_scope)
 def report(runs_root: Path, tmp_path_factory: pytest.TempPathFactory):
     """One generation of the whole report from the fixture runs."""
     from sam_repro.report import generate

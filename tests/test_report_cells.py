@@ -14,12 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.mutation_scope import module_scope
-from tests.conftest_report import write_run
+from tests.conftest_report import cells, write_run  # noqa: F401  (fixture)
 
 from sam_repro.report import paper
 from sam_repro.report.load import load_runs
-from sam_repro.report.tables import diff_fields, match_setting, paper_cells
+from sam_repro.report.tables import diff_fields, match_setting
 
 # key -> a departing value; a run differing from the paper's setting only here fills no cell.
 MUST_MATCH: dict[str, Any] = {
@@ -57,11 +56,6 @@ BASE: dict[str, Any] = {
     "data.source": "torchvision",
 }
 NOISY: dict[str, Any] = {**BASE, "model": "resnet32", "label_noise": 0.4, "rho": 0.1}  # Table 4, 40 % noise
-
-
-@pytest.fixture(scope=module_scope)
-def cells():
-    return paper_cells()
 
 
 def filled(setting: dict[str, Any], cells) -> list[tuple[int, str]]:

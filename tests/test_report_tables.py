@@ -9,8 +9,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from tests.mutation_scope import module_scope
-from tests.conftest_report import FIX, SKIPPED_REASONS, build_runs, report, runs_root, write_run  # noqa: F401
+from tests.conftest_report import FIX, SKIPPED_REASONS, build_runs, cells, report, runs_root, write_run  # noqa: F401
 from scipy import stats
 
 from sam_repro.report import generate
@@ -37,6 +36,13 @@ def row(table: pd.DataFrame, **where: object) -> pd.Series:
         sel = sel[sel[k] == v]
     assert len(sel) == 1, where
     return sel.iloc[0]
+
+
+def _ours(values: list[float]) -> str:
+    """A cell as the tables print it, computed here: mean ± t_{0.975,n-1} s / sqrt(n) (n)."""
+    n, mean = len(values), float(np.mean(values))
+    half = f" ± {stats.t.ppf(0.975, n - 1) * np.std(values, ddof=1) / math.sqrt(n):.2f}" if n > 1 else ""
+    return f"{mean:.2f}{half} (n={n})"
 
 
 def test_t_interval_matches_scipy_and_the_hard_coded_quantiles() -> None:
@@ -177,21 +183,16 @@ def test_readme_summary(report) -> None:
     body = [line for line in dev.splitlines() if line.startswith("| table")]  # header is "| table "
     assert len(body) == 1 + 5
 
-    def ours(values: list[float]) -> str:  # mean ± t_{0.975,n-1} s / sqrt(n), computed here
-        n, mean = len(values), float(np.mean(values))
-        return f"{mean:.2f}" + (f" ± {stats.t.ppf(0.975, n - 1) * np.std(values, ddof=1) / math.sqrt(n):.2f}"
-                                if n > 1 else "") + f" (n={n})"
-
     rows = [[c.strip() for c in line.split("|")[1:-1]] for line in dev.splitlines() if line.startswith("| ")]
     sgd100 = FIX["t1_c100_sgd"] if np.mean(FIX["t1_c100_sgd"]) < np.mean(FIX["t1_c100_sgd_400"]) else FIX["t1_c100_sgd_400"]
     assert rows == [  # largest |ours - paper| first; a tie (0.10) in table order
         ["table", "cell", "method", "ours", "paper", "ours - paper"],
-        ["table4", "20%", "SGD", ours(FIX["t4_sgd_acc"]), "84.8", f"{np.mean(FIX['t4_sgd_acc']) - 84.8:+.2f}"],
-        ["table1", "cifar100 wrn28_10 200 basic", "SGD", ours(sgd100), "18.8 ± 0.2", f"{np.mean(sgd100) - 18.8:+.2f}"],
-        ["table4", "20%", "SAM", ours(FIX["t4_sam_acc"]), "95.1", f"{np.mean(FIX['t4_sam_acc']) - 95.1:+.2f}"],
-        ["table5", "fashion_mnist wrn28_10 autoaugment", "SAM", ours(FIX["t5_fmnist_cutout_sam"]), "3.61 ± 0.06",
+        ["table4", "20%", "SGD", _ours(FIX["t4_sgd_acc"]), "84.8", f"{np.mean(FIX['t4_sgd_acc']) - 84.8:+.2f}"],
+        ["table1", "cifar100 wrn28_10 200 basic", "SGD", _ours(sgd100), "18.8 ± 0.2", f"{np.mean(sgd100) - 18.8:+.2f}"],
+        ["table4", "20%", "SAM", _ours(FIX["t4_sam_acc"]), "95.1", f"{np.mean(FIX['t4_sam_acc']) - 95.1:+.2f}"],
+        ["table5", "fashion_mnist wrn28_10 autoaugment", "SAM", _ours(FIX["t5_fmnist_cutout_sam"]), "3.61 ± 0.06",
          f"{FIX['t5_fmnist_cutout_sam'][0] - 3.61:+.2f}"],
-        ["table1", "cifar10 wrn28_10 200 basic", "SAM", ours(FIX["t1_c10_sam"]), "2.7 ± 0.1",
+        ["table1", "cifar10 wrn28_10 200 basic", "SAM", _ours(FIX["t1_c10_sam"]), "2.7 ± 0.1",
          f"{np.mean(FIX['t1_c10_sam']) - 2.7:+.2f}"]]
     assert "- Runs: 32 completed (23 in paper cells, 9 budget / non-paper or synthetic); 8 skipped or not final " \
            "(listed below)." in text
@@ -510,13 +511,6 @@ def test_epoch_distance_is_the_log_ratio_to_the_nearest_allowed_budget() -> None
     assert _epoch_distance({"epochs": 100}, Expected("c", "m", None, 0.0, "sam", 0.05, None, None, 256)) == 0.0
 
 
-@pytest.fixture(scope=module_scope)
-def cells() -> pd.DataFrame:
-    from sam_repro.report.tables import paper_cells
-
-    return paper_cells()
-
-
 def test_nearest_cell_prefers_the_closer_epoch_budget(cells) -> None:
     from sam_repro.report.tables import match_setting
 
@@ -555,13 +549,6 @@ def test_budget_rows_sort_numbers_as_numbers_and_nulls_after_them() -> None:
         ("cifar10", 15, None), ("cifar100", 15, 0.05)]  # as text); a bool and a null sort as text, after numbers
     assert _sort_key(base)[BUDGET_FIELDS.index("epochs")] == (0, 15, "")
     assert _sort_key({})[0] == (1, 0, "None")
-
-
-def _ours(values: list[float]) -> str:
-    """A cell as the tables print it, computed here: mean ± t_{0.975,n-1} s / sqrt(n) (n)."""
-    n, mean = len(values), float(np.mean(values))
-    half = f" ± {stats.t.ppf(0.975, n - 1) * np.std(values, ddof=1) / math.sqrt(n):.2f}" if n > 1 else ""
-    return f"{mean:.2f}{half} (n={n})"
 
 
 def test_budget_table_rows_columns_and_order(report) -> None:
