@@ -8,10 +8,15 @@ as `tests.conftest_report` (a helper module, not a conftest: tests/conftest.py i
 from __future__ import annotations
 
 import json
+import math
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import pandas as pd
 import pytest
+from scipy import stats
 from tests.mutation_scope import module_scope
 
 PAPER_RHO = {"cifar10": 0.05, "cifar100": 0.1}
@@ -58,6 +63,22 @@ def write_run(root: Path, name: str, *, test_err: float | None = None, status: s
                  for i, e in enumerate(curve)]
         (d / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     return d
+
+
+def row(table: pd.DataFrame, **where: object) -> pd.Series:
+    """The one row of `table` matching `where` (column=value)."""
+    sel = table
+    for k, v in where.items():
+        sel = sel[sel[k] == v]
+    assert len(sel) == 1, where
+    return sel.iloc[0]
+
+
+def ours_cell(values: list[float]) -> str:
+    """A cell as the tables print it, computed here: mean ± t_{0.975,n-1} s / sqrt(n) (n)."""
+    n, mean = len(values), float(np.mean(values))
+    half = f" ± {stats.t.ppf(0.975, n - 1) * np.std(values, ddof=1) / math.sqrt(n):.2f}" if n > 1 else ""
+    return f"{mean:.2f}{half} (n={n})"
 
 
 def curve_for(final_err: float) -> list[float]:
@@ -169,3 +190,64 @@ def report(runs_root: Path, tmp_path_factory: pytest.TempPathFactory):
     from sam_repro.report import generate
 
     return generate(runs_root, tmp_path_factory.mktemp("tables"))
+
+
+@dataclass
+class Tabled:
+    """The tables of one generation, without its plots and README: what a tables test needs."""
+
+    tables: list  # Tables 1-5 (report.tables.Table)
+    budget: Any
+
+    def markdown(self, name: str) -> str:
+        """What generate writes to <name>.md ("table1" ... "table5", "budget")."""
+        from sam_repro.report.tables import to_markdown
+
+        return to_markdown(next(t for t in [*self.tables, self.budget] if t.name == name))
+
+
+@pytest.fixture(scope=module_scope)
+def tabled(runs_root: Path, cells) -> Tabled:
+    """Tables 1-5 and the budget table of the fixture runs, built as generate builds them (no plots:
+    a tables mutant then costs a fraction of a second, not a whole report)."""
+    from sam_repro.report import PAPER_TABLES
+    from sam_repro.report.load import load_runs
+    from sam_repro.report.tables import budget_table, match_runs, paper_table
+
+    runs = load_runs(runs_root).runs
+    matches = match_runs(runs, cells)
+    return Tabled([paper_table(n, runs, cells, matches) for n in PAPER_TABLES], budget_table(runs, cells, matches))
+
+
+@dataclass
+class Plotted:
+    """The three plot functions on the fixture runs: what each returned, and each figure it drew."""
+
+    plots: dict[str, Any]  # "learning curves", "label noise", "rho sweep" -> report.plots.Plot
+    figures: dict[str, Any]  # file stem -> the matplotlib Figure it would have been saved from
+
+
+@pytest.fixture(scope=module_scope)
+def plotted(runs_root: Path, tabled: Tabled, tmp_path_factory: pytest.TempPathFactory) -> Plotted:
+    """The plot functions called as generate calls them, with each figure captured instead of
+    rendered: a PNG costs ~0.2 s to render, and test_report_plots.py checks the files generate writes."""
+    from sam_repro.report import plots
+    from sam_repro.report.load import load_runs
+
+    figures: dict[str, Any] = {}
+
+    def capture(fig: Any, path: Path) -> Path:
+        figures[Path(path).stem] = fig
+        return Path(path)
+
+    runs = load_runs(runs_root).runs
+    out = tmp_path_factory.mktemp("plots")
+    mp = pytest.MonkeyPatch()
+    mp.setattr(plots, "_save", capture)
+    try:
+        drawn = {"learning curves": plots.learning_curves(runs, out),
+                 "label noise": plots.label_noise(tabled.tables[3], out),
+                 "rho sweep": plots.rho_sweep(runs, out)}
+    finally:
+        mp.undo()
+    return Plotted(drawn, figures)

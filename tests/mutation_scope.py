@@ -30,15 +30,15 @@ SCOPE: dict[str, tuple[str, ...]] = {
     "sam_repro.optim.sam": ("tests/test_sam.py", "tests/test_sam_grouped.py", "tests/test_sam_norms.py"),
     "sam_repro.optim.factory": ("tests/test_optim_factory.py", "tests/test_sam_grouped.py", "tests/test_step.py"),
     "sam_repro.engine.step": ("tests/test_step.py", "tests/test_per_device.py", "tests/test_sam_norms.py",
-                              "tests/test_step_layouts.py"),
+                              "tests/test_step_layouts.py", "tests/test_step_grad_reduce.py"),
     "sam_repro.engine.schedule": ("tests/test_schedule.py",),
     "sam_repro.engine.checkpoint": ("tests/test_checkpoint.py",),
     "sam_repro.data.noise": ("tests/test_label_noise.py", "tests/test_data_sources.py"),
     "sam_repro.data.augment": (
         "tests/test_augment.py", "tests/test_augment_draws.py", "tests/test_loaders.py", "tests/test_finetune.py"),
     # the report, per module: its own tests (the whole report's tests take ~30 s, a survivor's cost)
-    "sam_repro.report": ("tests/test_report_tables.py", "tests/test_results.py"),  # generate, README
-    "sam_repro.report.cli": ("tests/test_report_tables.py",),
+    "sam_repro.report": ("tests/test_report_generate.py", "tests/test_results.py"),  # generate, README
+    "sam_repro.report.cli": ("tests/test_report_generate.py",),
     "sam_repro.report.load": ("tests/test_report_load.py", "tests/test_report_cells.py"),
     "sam_repro.report.paper": ("tests/test_report_paper.py", "tests/test_report_cells.py", "tests/test_report_tables.py"),
     "sam_repro.report.tables": ("tests/test_report_tables.py", "tests/test_report_cells.py"),
@@ -50,7 +50,7 @@ SCOPE: dict[str, tuple[str, ...]] = {
 STATS = Path("mutmut-stats.json")
 # Module-scoped fixtures that cost seconds to build (measured on 2 cores): a test that needs one runs
 # after the tests that do not, so that a mutant a cheap test kills never pays for them.
-FIXTURE_SETUP_S = {"report": 3.0, "drawn": 3.0, "runs_root": 0.3, "cells": 0.2}  # mutmut runs the tests from mutants/, where it keeps this file
+FIXTURE_SETUP_S = {"report": 3.0, "drawn": 3.0, "tabled": 0.8, "runs_root": 0.3, "cells": 0.2}  # mutmut runs the tests from mutants/, where it keeps this file
 
 
 def module_scope(fixture_name: str, config: pytest.Config) -> str:

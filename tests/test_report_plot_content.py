@@ -1,49 +1,28 @@
 """What each report figure draws, read from the matplotlib artists, against the fixture runs.
 
-`test_report_plots.py` checks the DataFrame a plot function returns; here the figure itself is
-captured (the module's one save function is wrapped) and its lines, bands, error bars and
-baselines are compared with numbers computed in the test from the fixture values. The PNG on
-disk is then checked to be that figure: rendering the captured figure again gives its bytes.
+`test_report_plots.py` checks the DataFrame a plot function returns and that each PNG generate
+writes is the figure drawn; here the figure itself is captured (the module's one save function is
+replaced: conftest_report.plotted) and its lines, bands, error bars and baselines are compared
+with numbers computed in the test from the fixture values.
 """
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
 import pytest
-from tests.mutation_scope import module_scope
 from scipy import stats
 from matplotlib.collections import PolyCollection
 from matplotlib.colors import to_hex
 from matplotlib.figure import Figure
-from tests.conftest_report import FIX, curve_for, runs_root  # noqa: F401  (fixture)
-
-from sam_repro.report import generate, plots
+from tests.conftest_report import FIX, cells, curve_for, plotted, runs_root, tabled  # noqa: F401  (fixtures)
 
 
-@pytest.fixture(scope=module_scope)
-def drawn(runs_root: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Figure]:
-    """file stem -> the Figure that was saved under it, for one generation of the report."""
-    figures: dict[str, Figure] = {}
-    save = plots._save
 
-    def capture(fig: Figure, path: Path) -> Path:
-        figures[Path(path).stem] = fig
-        return save(fig, path)
-
-    mp = pytest.MonkeyPatch()
-    mp.setattr(plots, "_save", capture)
-    try:
-        out = tmp_path_factory.mktemp("plots")
-        generate(runs_root, out)
-    finally:
-        mp.undo()
-    for stem, fig in figures.items():  # each file on disk is the captured figure, byte for byte
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=100, metadata=plots.PNG_METADATA)
-        assert (out / f"{stem}.png").read_bytes() == buf.getvalue(), stem
-    return figures
+@pytest.fixture
+def drawn(plotted) -> dict[str, Figure]:
+    """file stem -> the Figure drawn for it (test_report_plots.py checks that the PNG is this figure)."""
+    return plotted.figures
 
 
 def lines_by_label(fig: Figure) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -191,4 +170,4 @@ def test_each_figure_is_drawn_as_specified(drawn, stem: str) -> None:
 
 
 def test_the_figures_are_exactly_these(drawn) -> None:
-    assert sorted(s for s in drawn if not s.startswith("sharpness_")) == sorted(FIGURES)
+    assert sorted(drawn) == sorted(FIGURES)

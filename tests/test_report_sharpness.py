@@ -591,3 +591,15 @@ def test_malformed_sections_are_left_out_and_never_crash_the_report(tmp_path: Pa
     assert S._grid({"alpha": [0.0], "beta": [0.0, 1.0], "loss": [[1.0, None]]})  # a null point is drawn as a gap
     assert not S._grid({"alpha": [0.0], "beta": [0.0], "loss": [["x"]]})
     assert not S._curve({"alpha": [], "loss": []}, "alpha")
+
+
+def test_a_drawable_section_holds_lists_of_matching_lengths() -> None:
+    """`_curve`/`_grid` decide what landscape_figures draws: JSON lists only, one point is enough."""
+    assert S._curve({"alpha": [0.0], "loss": [1.0]}, "alpha")  # a single point is still a curve
+    assert not S._curve({"alpha": [0.0, 1.0], "loss": [1.0]}, "alpha")
+    assert not S._curve({"alpha": "01", "loss": [1.0, 2.0]}, "alpha")
+    grid = {"alpha": [0.0, 1.0], "beta": [0.0, 1.0], "loss": [[1.0, 2.0], [3.0, 4.0]]}
+    assert S._grid(grid)
+    for key, bad in (("alpha", "01"), ("beta", "01"), ("alpha", []), ("beta", [])):
+        assert not S._grid({**grid, key: bad}), (key, bad)  # a string has a length, but it is not a list of values
+    assert not S._grid({**grid, "loss": [[1.0, 2.0]]})

@@ -1,4 +1,4 @@
-"""sam_repro.report tables: aggregation, matching to paper cells, budget table, README, CLI, bytes."""
+"""sam_repro.report.tables: aggregation, matching to paper cells, the budget table, rendering (no plots, no README: test_report_generate.py)."""
 from __future__ import annotations
 
 import hashlib
@@ -9,11 +9,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from tests.conftest_report import FIX, SKIPPED_REASONS, build_runs, cells, report, runs_root, write_run  # noqa: F401
+from tests.conftest_report import FIX, cells, ours_cell, row, runs_root, tabled, write_run  # noqa: F401
 from scipy import stats
 
-from sam_repro.report import generate
-from sam_repro.report.cli import main
 from sam_repro.report.paper import paper_csv
 from sam_repro.report.tables import t_interval
 
@@ -30,19 +28,8 @@ def ci(values: list[float], t: float) -> tuple[float, float]:
     return float(x.mean()), t * float(x.std(ddof=1)) / math.sqrt(len(x))
 
 
-def row(table: pd.DataFrame, **where: object) -> pd.Series:
-    sel = table
-    for k, v in where.items():
-        sel = sel[sel[k] == v]
-    assert len(sel) == 1, where
-    return sel.iloc[0]
 
 
-def _ours(values: list[float]) -> str:
-    """A cell as the tables print it, computed here: mean ± t_{0.975,n-1} s / sqrt(n) (n)."""
-    n, mean = len(values), float(np.mean(values))
-    half = f" ± {stats.t.ppf(0.975, n - 1) * np.std(values, ddof=1) / math.sqrt(n):.2f}" if n > 1 else ""
-    return f"{mean:.2f}{half} (n={n})"
 
 
 def test_t_interval_matches_scipy_and_the_hard_coded_quantiles() -> None:
@@ -54,13 +41,15 @@ def test_t_interval_matches_scipy_and_the_hard_coded_quantiles() -> None:
         assert s.ci95 == pytest.approx(half, rel=REL)
         exact = stats.t.ppf(0.975, n - 1) * np.std(values, ddof=1) / math.sqrt(n)
         assert s.ci95 == pytest.approx(exact, rel=1e-14)
-    one = t_interval([3.0])
-    assert (one.n, one.mean) == (1, 3.0) and math.isnan(one.ci95)
-    assert t_interval([]).n == 0
+    assert s.std == pytest.approx(float(np.std(FIX["t1_c10_sgd"], ddof=1)), rel=1e-12)  # the last case's
+    one = t_interval([3.0])  # no spread and no interval from one seed: NaN (a float), not None
+    assert (one.n, one.mean) == (1, 3.0) and math.isnan(one.std) and math.isnan(one.ci95)
+    none = t_interval([None, math.nan, math.inf])
+    assert none.n == 0 and all(isinstance(v, float) and math.isnan(v) for v in (none.mean, none.std, none.ci95))
 
 
-def test_table1_cell_means_cis_n_and_differences(report) -> None:
-    t1 = report.tables[0].data
+def test_table1_cell_means_cis_n_and_differences(tabled) -> None:
+    t1 = tabled.tables[0].data
     r = row(t1, dataset="cifar10", model="wrn28_10", epochs=200, augment="basic")
     sam_mean, sam_ci = ci(FIX["t1_c10_sam"], T3)
     sgd_mean, sgd_ci = ci(FIX["t1_c10_sgd"], T5)  # the 2x-epoch runs (3.85) are worse: not shown
@@ -72,14 +61,14 @@ def test_table1_cell_means_cis_n_and_differences(report) -> None:
     assert r["diff_ours"] == pytest.approx(sam_mean - sgd_mean, abs=1e-12)
     assert (r["sam_paper"], r["sgd_paper"], r["sam_paper_ci95"]) == (2.7, 3.5, "0.1")
     assert r["diff_paper"] == pytest.approx(-0.8)
-    disp = report.tables[0].display.iloc[0]
+    disp = tabled.tables[0].display.iloc[0]
     assert disp["SAM (ours)"] == f"{sam_mean:.2f} ± {sam_ci:.2f} (n=3)" == "2.75 ± 0.37 (n=3)"
     assert (disp["SAM (paper)"], disp["SGD (paper)"]) == ("2.7 ± 0.1", "3.5 ± 0.1")
     assert (disp["SAM-SGD (ours)"], disp["SAM-SGD (paper)"]) == ("-0.75", "-0.8")
 
 
-def test_sgd_cell_shows_the_better_of_1x_and_2x_epochs(report) -> None:
-    t1 = report.tables[0]
+def test_sgd_cell_shows_the_better_of_1x_and_2x_epochs(tabled) -> None:
+    t1 = tabled.tables[0]
     r = row(t1.data, dataset="cifar100", model="wrn28_10", epochs=200, augment="basic")
     mean, half = ci(FIX["t1_c100_sgd_400"], stats.t.ppf(0.975, 1))
     assert (r["sgd_n"], r["sgd_mean"]) == (2, pytest.approx(mean))
@@ -89,8 +78,8 @@ def test_sgd_cell_shows_the_better_of_1x_and_2x_epochs(report) -> None:
     assert any("also 19.10 ± 1.27 (n=2) with epochs 200" in n for n in t1.notes)
 
 
-def test_table4_label_noise_accuracy(report) -> None:
-    t4 = report.tables[3].data
+def test_table4_label_noise_accuracy(tabled) -> None:
+    t4 = tabled.tables[3].data
     r = row(t4, label_noise=0.2)
     sam_mean, sam_ci = ci(FIX["t4_sam_acc"], T3)
     sgd_mean, _ = ci(FIX["t4_sgd_acc"], T3)
@@ -101,8 +90,8 @@ def test_table4_label_noise_accuracy(report) -> None:
     assert row(t4, label_noise=0.8)["sam_n"] == 0
 
 
-def test_table5_fashion_mnist_cutout_fills_the_autoaugment_column_with_n1(report) -> None:
-    t5 = report.tables[4]
+def test_table5_fashion_mnist_cutout_fills_the_autoaugment_column_with_n1(tabled) -> None:
+    t5 = tabled.tables[4]
     r = row(t5.data, dataset="fashion_mnist", model="wrn28_10", augment="autoaugment")
     assert (r["sam_n"], r["sam_mean"], r["sam_paper"]) == (1, 3.70, 3.61)
     assert math.isnan(r["sam_ci95"])
@@ -112,8 +101,8 @@ def test_table5_fashion_mnist_cutout_fills_the_autoaugment_column_with_n1(report
     assert row(t5.data, dataset="fashion_mnist", model="wrn28_10", augment="basic")["sam_n"] == 0
 
 
-def test_table2_top1_and_top5_from_one_run(report) -> None:
-    t2 = report.tables[1].data
+def test_table2_top1_and_top5_from_one_run(tabled) -> None:
+    t2 = tabled.tables[1].data
     top1 = row(t2, model="resnet50", epochs=100, metric="top1_err")
     top5 = row(t2, model="resnet50", epochs=100, metric="top5_err")
     assert top1["sam_mean"] == pytest.approx(np.mean(FIX["t2_r50_top1"]))
@@ -121,8 +110,8 @@ def test_table2_top1_and_top5_from_one_run(report) -> None:
     assert (top1["sam_paper"], top5["sam_paper"]) == (22.5, 6.28)
 
 
-def test_budget_runs_are_listed_with_their_differences_and_never_merged(report) -> None:
-    b = report.budget.data
+def test_budget_runs_are_listed_with_their_differences_and_never_merged(tabled) -> None:
+    b = tabled.budget.data
     folder = row(b, **{"data.source": "folder"})
     assert folder["differences"] == "data folder (paper torchvision)"
     assert (folder["n"], folder["mean"], folder["paper"]) == (1, 3.10, 2.7)
@@ -131,28 +120,26 @@ def test_budget_runs_are_listed_with_their_differences_and_never_merged(report) 
     assert row(b, epochs=15, rho=0.1, optimizer="sam")["differences"] == "rho 0.1 (paper 0.05); epochs 15 (paper 200)"
     assert row(b, epochs=15, optimizer="sgd")["differences"] == "epochs 15 (paper 200 or 400)"
     assert row(b, label_noise=0.8)["differences"] == "rho 0.1 (paper 0.05)"
-    md = (Path(report.files[0]).parent / "budget.md").read_text()
+    md = tabled.markdown("budget")
     assert "| epochs 15 (paper 200) " in md and "data folder (paper torchvision)" in md
     # Budget numbers say where they came from: the device and code version of their runs.
     assert short["ran_on"] == "NVIDIA GeForce RTX 4090 @ abc"
     assert "NVIDIA GeForce RTX 4090 @ abc" in md
 
 
-def test_synthetic_runs_are_labelled_and_never_results(report) -> None:
-    b = report.budget.data
+def test_synthetic_runs_are_labelled_and_never_results(tabled) -> None:
+    b = tabled.budget.data
     synth = row(b, kind="synthetic")
     assert synth["data.source"] == "synthetic" and synth["differences"] == ""
-    out = Path(report.files[0]).parent
-    md = (out / "budget.md").read_text()
+    md = tabled.markdown("budget")
     assert "## Synthetic-data runs (pipeline checks, not results)" in md
     assert "synthetic data: a pipeline check, not a result" in md
     for n in range(1, 6):
-        assert "synthetic" not in (out / f"table{n}.md").read_text()
+        assert "synthetic" not in tabled.markdown(f"table{n}")
 
 
-def test_fill_commands_for_empty_cells(report) -> None:
-    out = Path(report.files[0]).parent
-    t1 = (out / "table1.md").read_text()
+def test_fill_commands_for_empty_cells(tabled) -> None:
+    t1 = tabled.markdown("table1")
     assert "`sam-train -m experiment=t1_cifar10_wrn28_10_1800ep augment=cutout optim=sam,sgd seed=0,1,2,3,4`" in t1
     assert "`sam-train -m experiment=t1_cifar10_pyramidnet_shakedrop augment=autoaugment optim=sam,sgd " \
            "seed=0,1,2,3,4`" in t1
@@ -160,54 +147,16 @@ def test_fill_commands_for_empty_cells(report) -> None:
     # A row with SAM filled and SGD empty asks for SGD only; a full row asks for nothing.
     assert "experiment=t1_cifar100_wrn28_10_200ep augment=basic optim=sam seed=" in t1
     assert "t1_cifar10_wrn28_10_200ep augment=basic" not in t1
-    t5 = (out / "table5.md").read_text()
+    t5 = tabled.markdown("table5")
     assert "`sam-train -m experiment=t5_fashion_mnist_wrn28_10 augment=cutout optim=sgd seed=0,1,2,3,4`" in t5
     assert "`sam-train -m experiment=t5_svhn_shakeshake augment=autoaugment_svhn optim=sam,sgd seed=0,1,2,3,4`" in t5
-    t4 = (out / "table4.md").read_text()
+    t4 = tabled.markdown("table4")
     assert "`sam-train -m experiment=t4_cifar10_resnet32_noise80 optim=sam,sgd seed=0,1,2,3,4`" in t4
     assert "noise20 optim" not in t4
-    t2 = (out / "table2.md").read_text()
+    t2 = tabled.markdown("table2")
     assert t2.count("experiment=t2_imagenet_resnet152_400ep optim=sam,sgd") == 1  # one per row, not per metric
-    t3 = (out / "table3.md").read_text()
+    t3 = tabled.markdown("table3")
     assert "experiment=t3_flowers102_efficientnet_l2 optim=sam,sgd" in t3
-
-
-def test_readme_summary(report) -> None:
-    text = (Path(report.files[0])).read_text()
-    assert "Paper cells filled: **8 of 156** (Table 1: 3/60, Table 2: 2/36, Table 3: 0/36, " \
-           "Table 4: 2/8, Table 5: 1/16)" in text
-    assert "NVIDIA H100 80GB HBM3 (23 runs)" in text
-    assert "RTX 4090" not in text  # only budget runs ran there
-    dev = text.split("## Largest deviations")[1].split("## Files")[0]
-    # Ours minus paper, largest first: SGD at 20 % noise (82.0 vs 84.8) leads.
-    body = [line for line in dev.splitlines() if line.startswith("| table")]  # header is "| table "
-    assert len(body) == 1 + 5
-
-    rows = [[c.strip() for c in line.split("|")[1:-1]] for line in dev.splitlines() if line.startswith("| ")]
-    sgd100 = FIX["t1_c100_sgd"] if np.mean(FIX["t1_c100_sgd"]) < np.mean(FIX["t1_c100_sgd_400"]) else FIX["t1_c100_sgd_400"]
-    assert rows == [  # largest |ours - paper| first; a tie (0.10) in table order
-        ["table", "cell", "method", "ours", "paper", "ours - paper"],
-        ["table4", "20%", "SGD", _ours(FIX["t4_sgd_acc"]), "84.8", f"{np.mean(FIX['t4_sgd_acc']) - 84.8:+.2f}"],
-        ["table1", "cifar100 wrn28_10 200 basic", "SGD", _ours(sgd100), "18.8 ± 0.2", f"{np.mean(sgd100) - 18.8:+.2f}"],
-        ["table4", "20%", "SAM", _ours(FIX["t4_sam_acc"]), "95.1", f"{np.mean(FIX['t4_sam_acc']) - 95.1:+.2f}"],
-        ["table5", "fashion_mnist wrn28_10 autoaugment", "SAM", _ours(FIX["t5_fmnist_cutout_sam"]), "3.61 ± 0.06",
-         f"{FIX['t5_fmnist_cutout_sam'][0] - 3.61:+.2f}"],
-        ["table1", "cifar10 wrn28_10 200 basic", "SAM", _ours(FIX["t1_c10_sam"]), "2.7 ± 0.1",
-         f"{np.mean(FIX['t1_c10_sam']) - 2.7:+.2f}"]]
-    assert "- Runs: 32 completed (23 in paper cells, 9 budget / non-paper or synthetic); 8 skipped or not final " \
-           "(listed below)." in text
-    for name in ("table1.md", "table5.csv", "budget.md", "label_noise.png",
-                 "curves_cifar10_wrn28_10_basic_200ep.png", "rho_cifar10_wrn28_10_basic_15ep.png"):
-        assert f"({name})" in text
-    for kind, name in (("learning curves", "curves_cifar10_wrn28_10_basic_200ep.png"), ("label noise", "label_noise.png"),
-                       ("rho sweep", "rho_cifar10_wrn28_10_basic_15ep.png")):
-        assert f"\n- {kind}: [{name}]({name})\n" in text
-    assert sorted(set(report.plots["label noise"].data["noise"])) == [20, 40, 60, 80]  # drawn from Table 4
-    skipped = text.split("## Skipped / not final")[1]
-    assert skipped.lstrip("\n").startswith("| run directory ")
-    assert [c.strip() for c in skipped.lstrip("\n").splitlines()[0].split("|")[1:-1]] == ["run directory", "status", "reason"]
-    for run_dir, reason in SKIPPED_REASONS.items():
-        assert run_dir in skipped and reason in skipped
 
 
 # sha256 of the paper's numbers as committed; a change to the CSV must change this line on purpose.
@@ -224,82 +173,6 @@ def test_paper_csv_is_the_shared_reference_byte_for_byte() -> None:
     if not shared.is_file():
         pytest.skip(f"{shared} is absent: compared against the committed checksum only")
     assert ours.read_bytes() == shared.read_bytes()
-
-
-def test_two_generations_are_byte_identical(runs_root: Path, tmp_path: Path) -> None:
-    a, b = tmp_path / "a", tmp_path / "b"
-    generate(runs_root, a)
-    generate(runs_root, b)
-    files = sorted(p.name for p in a.iterdir())
-    assert files == sorted(p.name for p in b.iterdir())
-    assert any(f.endswith(".png") for f in files) and "README.md" in files
-    for name in files:
-        assert (a / name).read_bytes() == (b / name).read_bytes(), name
-
-
-def test_regenerating_removes_plots_of_settings_that_are_gone(tmp_path: Path) -> None:
-    runs, out = tmp_path / "runs", tmp_path / "new" / "out"  # the output folder and its parent are made
-    write_run(runs, "r", test_err=3.0, curve=[10.0, 3.0])
-    generate(runs, out)
-    assert (out / "curves_cifar10_wrn28_10_basic_200ep.png").exists()
-    (runs / "r" / "metrics.json").unlink()
-    generate(runs, out)
-    assert not (out / "curves_cifar10_wrn28_10_basic_200ep.png").exists()
-
-
-def test_cli_on_an_empty_runs_dir(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    (tmp_path / "runs").mkdir()
-    out = tmp_path / "tables"
-    assert main(["--runs", str(tmp_path / "runs"), "--out", str(out)]) == 0
-    printed = capsys.readouterr().out
-    assert "0 completed runs" in printed and "table1: 0/60 paper cells filled" in printed
-    assert "sam-train -m experiment=t1_cifar10_wrn28_10_200ep augment=basic optim=sam,sgd seed=0,1,2,3,4" in printed
-    assert "bash scripts/table4.sh" in printed
-    for n in range(1, 6):
-        data = pd.read_csv(out / f"table{n}.csv")
-        assert (data["sam_n"] == 0).all() and data["sam_mean"].isna().all()
-        assert "| —  " in (out / f"table{n}.md").read_text()
-    assert "**0 of 156**" in (out / "README.md").read_text()
-
-
-def test_cli_on_a_missing_runs_dir_and_with_fixture_runs(runs_root: Path, tmp_path: Path,
-                                                         capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["--runs", str(tmp_path / "absent"), "--out", str(tmp_path / "t")]) == 0
-    assert (tmp_path / "t" / "table1.md").exists()
-    capsys.readouterr()
-    assert main(["--runs", str(runs_root), "--out", str(tmp_path / "u")]) == 0
-    printed = capsys.readouterr().out
-    assert "32 completed runs" in printed and "8 skipped" in printed
-    assert "skipped bad/running: status running (3 of 200 epochs)" in printed
-    assert "table1: 3/60 paper cells filled" in printed
-    kinds = pd.read_csv(tmp_path / "u" / "budget.csv")["kind"]
-    assert 0 < (kinds == "synthetic").sum() < (kinds == "budget").sum()
-    assert (f"budget / non-paper settings: {(kinds == 'budget').sum()} (budget.md); "
-            f"synthetic-data pipeline checks: {(kinds == 'synthetic').sum()}\n") in printed
-
-
-def test_presets_named_by_fill_commands_produce_runs_that_fill_those_cells() -> None:
-    """The fill command of every Table 1/4/5 cell names a preset whose composed config is exactly
-    the setting the report accepts for that cell (else a preset's runs would land in budget.md)."""
-    import re
-
-    from sam_repro.report.paper import expected, fill_command
-    from sam_repro.report.tables import differences, paper_cells
-    from sam_repro.runlog import flat_config
-    from tests.conftest import REPO, compose_config
-
-    checked = 0
-    for _, cell in paper_cells().iterrows():
-        if cell["method"] not in ("sam", "sgd"):
-            continue  # the literature's methods (Tables 3, 4) have no preset of ours
-        cmd = fill_command(int(cell["table"]), cell, [cell["method"]])
-        overrides = [o for o in re.findall(r"(\S+=\S+)", cmd) if not o.startswith("seed=")]
-        assert (REPO / "configs/experiment" / f"{overrides[0].split('=')[1]}.yaml").is_file(), cmd
-        cfg = compose_config(overrides)
-        setting = {**flat_config(cfg, "bf16"), "data.source": cfg.dataset.source}  # what the run would log
-        assert differences(setting, expected(cell)) == [], cmd
-        checked += 1
-    assert checked == 60 + 36 + 36 + 8 + 16
 
 
 def test_finetuning_cells_count_steps_and_birdsnap_is_an_image_folder() -> None:
@@ -323,89 +196,6 @@ def test_finetuning_cells_count_steps_and_birdsnap_is_an_image_folder() -> None:
     assert differences({**bird, "data.source": "folder"}, expected(cell("birdsnap", "efficientnet_b7"))) == []
     assert differences(b7 | {"train_steps": 5000, "data.source": "folder"}, expected(cell("flowers102", "efficientnet_b7"))) == \
         ["data folder (paper torchvision)"]
-
-
-def test_cli_defaults_read_results_runs_and_write_results_tables(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                                                  capsys: pytest.CaptureFixture[str]) -> None:
-    write_run(tmp_path / "results" / "runs", "r", test_err=3.0)
-    monkeypatch.chdir(tmp_path)
-    assert main([]) == 0
-    printed = capsys.readouterr().out
-    assert printed.startswith("sam-report: 1 completed runs read from results/runs, 0 skipped\n")
-    assert printed.endswith(f"wrote {len(list((tmp_path / 'results/tables').iterdir()))} files to results/tables "
-                            "(summary: results/tables/README.md)\n")
-    with pytest.raises(SystemExit) as exit_:
-        main(["--help"])
-    assert exit_.value.code == 0
-    usage = " ".join(capsys.readouterr().out.split())  # argparse wraps lines to the terminal's width
-    assert usage.startswith("usage: sam-report [-h] [--runs RUNS] [--out OUT] Aggregate sam-train run directories "
-                            "into the SAM paper's tables, plots and a summary.")
-    assert "--runs RUNS searched recursively for metrics.json (default: results/runs)" in usage
-    assert "--out OUT where tables, plots and README.md go (default: results/tables)" in usage
-    with pytest.raises(SystemExit) as exit_:
-        main(["--nope"])
-    assert exit_.value.code == 2  # a bad command line
-
-
-def test_cli_names_the_one_empty_cell_of_a_nearly_full_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    runs = tmp_path / "runs"
-    for noise in (0.2, 0.4, 0.6, 0.8):
-        for method in ("sam", "sgd"):
-            if (noise, method) == (0.8, "sgd"):
-                continue
-            write_run(runs, f"{method}{noise}", test_err=20.0, model="resnet32", optimizer=method, label_noise=noise,
-                      rho=0.05 if noise == 0.8 else 0.1)
-    assert main(["--runs", str(runs), "--out", str(tmp_path / "out")]) == 0
-    printed = capsys.readouterr().out
-    assert ("table4: 7/8 paper cells filled\n  empty cells (whole table: bash scripts/table4.sh):\n"
-            "    80% [sgd]: sam-train -m experiment=t4_cifar10_resnet32_noise80 optim=sgd seed=0,1,2,3,4\n") in printed
-    assert " [sam, sgd]: sam-train -m experiment=t1_cifar10_wrn28_10_200ep augment=basic optim=sam,sgd seed=0,1,2,3,4\n" \
-        in printed
-
-
-def test_deviations_rank_by_size_then_table_cell_and_method_and_ignore_float_noise() -> None:
-    from sam_repro.report import _deviations
-    from sam_repro.report.tables import Table
-
-    def table(name: str, cells: dict[str, tuple[float, float]], paper: float = 10.0, n: tuple[int, int] = (2, 2)) -> Table:
-        """cells: label -> (SAM mean, SGD mean), each over n seeds with ci95 0.1 against the paper's 10."""
-        display = pd.DataFrame([{"dataset": c, "SAM (paper)": "10", "SGD (paper)": "10.0 ± 0.1"} for c in cells])
-        data = pd.DataFrame([{"sam_n": n[0], "sam_mean": s, "sam_ci95": 0.1, "sam_paper": paper,
-                              "sgd_n": n[1], "sgd_mean": g, "sgd_ci95": 0.1, "sgd_paper": paper} for s, g in cells.values()])
-        return Table(name, name, display, data)
-
-    got = _deviations([table("table2", {"b": (10.5 + 6e-8, 9.5), "a": (10.5, 9.5)}),
-                       table("table1", {"z": (9.0, 10.0)}), table("table3", {"c": (10.2, 10.0)})], top=6)
-    assert list(got.columns) == ["table", "cell", "method", "ours", "paper", "ours - paper"]
-    assert got.values.tolist() == [
-        ["table1", "z", "SAM", "9.00 ± 0.10 (n=2)", "10", "-1.00"],
-        ["table2", "a", "SAM", "10.50 ± 0.10 (n=2)", "10", "+0.50"],  # four ties at 0.5 (to 1e-6):
-        ["table2", "a", "SGD", "9.50 ± 0.10 (n=2)", "10.0 ± 0.1", "-0.50"],  # by cell, then method
-        ["table2", "b", "SAM", "10.50 ± 0.10 (n=2)", "10", "+0.50"],
-        ["table2", "b", "SGD", "9.50 ± 0.10 (n=2)", "10.0 ± 0.1", "-0.50"],
-        ["table3", "c", "SAM", "10.20 ± 0.10 (n=2)", "10", "+0.20"]]
-    assert len(_deviations([table("table1", {"z": (9.0, 10.0)})])) == 2  # top 5 of 2
-    assert _deviations([table("table1", {"z": (9.0, 10.0)})], top=1)["method"].tolist() == ["SAM"]
-    one_seed = _deviations([table("table1", {"z": (math.nan, 12.0)}, n=(0, 1))])  # an empty cell is no deviation
-    assert one_seed.values.tolist() == [["table1", "z", "SGD", "12.00 ± 0.10 (n=1)", "10.0 ± 0.1", "+2.00"]]
-
-
-def test_readme_names_the_hardware_of_paper_cell_runs_unknown_included(tmp_path: Path) -> None:
-    runs = tmp_path / "runs"
-    for seed, device in enumerate(["GPU B", None, "GPU B"]):
-        write_run(runs, f"t4/{seed}", test_err=20.0, seed=seed, model="resnet32", label_noise=0.2, rho=0.1, device=device)
-    write_run(runs, "budget", test_err=30.0, epochs=15, device="Laptop")  # not in a paper cell: not named
-    generate(runs, tmp_path / "out")
-    text = (tmp_path / "out" / "README.md").read_text()
-    assert "- Hardware (env.device of the runs in paper cells): GPU B (2 runs); unknown (1 runs).\n" in text
-    # runs that log no device at all (no env.device column) and no runs in paper cells
-    bare = tmp_path / "bare"
-    doc = json.loads((write_run(bare, "r", test_err=30.0, epochs=15) / "metrics.json").read_text())
-    del doc["env"]["device"]
-    (bare / "r" / "metrics.json").write_text(json.dumps(doc))
-    generate(bare, tmp_path / "out2")
-    assert "- Hardware (env.device of the runs in paper cells): none (no runs in paper cells).\n" in \
-        (tmp_path / "out2" / "README.md").read_text()
 
 
 def _cell_runs(groups: dict[str, list[float]], column: str = "final.test_err") -> pd.DataFrame:
@@ -495,6 +285,9 @@ def test_markdown_rendering_of_a_table() -> None:
         "| row   | empty    | command          |\n|-------|----------|------------------|\n"
         "| 20%   | sam, sgd | `sam-train -m x` |\n| 40%   | sgd      | `sam-train -m y` |\n")
     assert to_markdown(Table("t", "T", pd.DataFrame(), pd.DataFrame())) == "# T\n\n_(none)_\n"
+    one = Table("t", "T", pd.DataFrame(), pd.DataFrame(), missing=[Missing(2, "r", ["sgd"], "sam-train -m z")])
+    assert to_markdown(one).endswith("The whole table: `bash scripts/table2.sh`\n\n| row   | empty   | command          |\n"
+                                     "|-------|---------|------------------|\n| r     | sgd     | `sam-train -m z` |\n")
 
 
 def test_epoch_distance_is_the_log_ratio_to_the_nearest_allowed_budget() -> None:
@@ -551,8 +344,8 @@ def test_budget_rows_sort_numbers_as_numbers_and_nulls_after_them() -> None:
     assert _sort_key({})[0] == (1, 0, "None")
 
 
-def test_budget_table_rows_columns_and_order(report) -> None:
-    b = report.budget
+def test_budget_table_rows_columns_and_order(tabled) -> None:
+    b = tabled.budget
     h100, rtx = "NVIDIA H100 80GB HBM3 @ abc", "NVIDIA GeForce RTX 4090 @ abc"
     wrn15 = ["cifar10", "wrn28_10", "basic", "0.0"]
     assert list(b.display.columns) == ["dataset", "model", "augment", "label_noise", "optimizer", "rho", "epochs",
@@ -560,16 +353,16 @@ def test_budget_table_rows_columns_and_order(report) -> None:
                                        "differences from the paper", "ran on (device @ git sha)"]
     assert b.display.values.tolist() == [  # sorted by dataset, model, augment, noise, optimizer, rho, epochs, ...
         ["cifar10", "resnet32", "basic", "0.8", "sam", "0.1", "200", "256", "torchvision", "top1_acc",
-         _ours([100 - 30.0]), "Table 4 SAM: 77.9", "rho 0.1 (paper 0.05)", h100],
-        [*wrn15, "sam", "0.05", "15", "256", "torchvision", "top1_err", _ours(FIX["budget_15ep"][0.05]),
+         ours_cell([100 - 30.0]), "Table 4 SAM: 77.9", "rho 0.1 (paper 0.05)", h100],
+        [*wrn15, "sam", "0.05", "15", "256", "torchvision", "top1_err", ours_cell(FIX["budget_15ep"][0.05]),
          "Table 1 SAM: 2.7 ± 0.1", "epochs 15 (paper 200)", rtx],
-        [*wrn15, "sam", "0.05", "200", "256", "folder", "top1_err", _ours(FIX["budget_folder"]),
+        [*wrn15, "sam", "0.05", "200", "256", "folder", "top1_err", ours_cell(FIX["budget_folder"]),
          "Table 1 SAM: 2.7 ± 0.1", "data folder (paper torchvision)", h100],
-        [*wrn15, "sam", "0.1", "15", "256", "torchvision", "top1_err", _ours(FIX["budget_15ep"][0.1]),
+        [*wrn15, "sam", "0.1", "15", "256", "torchvision", "top1_err", ours_cell(FIX["budget_15ep"][0.1]),
          "Table 1 SAM: 2.7 ± 0.1", "rho 0.1 (paper 0.05); epochs 15 (paper 200)", rtx],
-        [*wrn15, "sam", "0.2", "15", "256", "torchvision", "top1_err", _ours(FIX["budget_15ep"][0.2]),
+        [*wrn15, "sam", "0.2", "15", "256", "torchvision", "top1_err", ours_cell(FIX["budget_15ep"][0.2]),
          "Table 1 SAM: 2.7 ± 0.1", "rho 0.2 (paper 0.05); epochs 15 (paper 200)", rtx],
-        [*wrn15, "sgd", "—", "15", "256", "torchvision", "top1_err", _ours(FIX["budget_15ep_sgd"]),
+        [*wrn15, "sgd", "—", "15", "256", "torchvision", "top1_err", ours_cell(FIX["budget_15ep_sgd"]),
          "Table 1 SGD: 3.5 ± 0.1", "epochs 15 (paper 200 or 400)", rtx]]
     assert list(b.data.columns) == ["kind", "dataset", "model", "augment", "label_noise", "optimizer", "rho", "epochs",
                                     "batch_size", "data.source", "metric", "n", "mean", "ci95", "paper_table", "paper",
@@ -613,10 +406,10 @@ def test_a_run_with_no_paper_cell_is_listed_without_a_nearest_cell(tmp_path: Pat
     assert b.sections == [] and (b.name, b.title) == ("budget", "Budget / non-paper runs")
 
 
-def test_paper_tables_title_columns_notes_and_empty_cells(report) -> None:
+def test_paper_tables_title_columns_notes_and_empty_cells(tabled) -> None:
     from sam_repro.report.tables import MATCH_NOTE, SPECS
 
-    t1, t4 = report.tables[0], report.tables[3]
+    t1, t4 = tabled.tables[0], tabled.tables[3]
     assert t1.title == "Table 1: CIFAR-10 and CIFAR-100, trained from scratch — test error (%), lower is better"
     methods = ["SAM (ours)", "SAM (paper)", "SGD (ours)", "SGD (paper)", "SAM-SGD (ours)", "SAM-SGD (paper)"]
     assert list(t1.display.columns) == ["dataset", "model", "epochs", "augment", *methods]
@@ -628,19 +421,19 @@ def test_paper_tables_title_columns_notes_and_empty_cells(report) -> None:
     assert t4.notes[0] == ("Ours: final-epoch clean test accuracy (%), higher is better; mean ± 95% CI over seeds "
                            "(Student t: t_{0.975,n-1}·s/√n; no CI for n=1), n = seeds. SAM-SGD: difference of the means.")
     assert t1.notes[1] == MATCH_NOTE and t1.notes[2:4] == list(SPECS[1].notes)
-    assert t1.notes[4:] == [f"SGD cifar10 wrn28_10 200 basic: also {_ours(FIX['t1_c10_sgd_400'])} with epochs 400 (not shown)",
-                            f"SGD cifar100 wrn28_10 200 basic: also {_ours(FIX['t1_c100_sgd'])} with epochs 200 (not shown)"]
+    assert t1.notes[4:] == [f"SGD cifar10 wrn28_10 200 basic: also {ours_cell(FIX['t1_c10_sgd_400'])} with epochs 400 (not shown)",
+                            f"SGD cifar100 wrn28_10 200 basic: also {ours_cell(FIX['t1_c100_sgd'])} with epochs 200 (not shown)"]
     assert [(m.table, m.row, m.methods) for m in t4.missing] == [(4, f"{n}%", ["sam", "sgd"]) for n in (40, 60, 80)]
     assert t1.missing[0].methods == ["sam"] and t1.missing[0].row == "cifar100 wrn28_10 200 basic"
-    assert len({m.command for m in report.tables[1].missing}) == len(report.tables[1].missing)  # top-1/top-5 once
+    assert len({m.command for m in tabled.tables[1].missing}) == len(tabled.tables[1].missing)  # top-1/top-5 once
 
 
 def test_write_table_writes_markdown_and_a_four_decimal_csv(tmp_path: Path) -> None:
     from sam_repro.report.tables import Table, to_markdown, write_table
 
-    t = Table("x", "X", pd.DataFrame([{"a": "1"}]), pd.DataFrame({"m": [1 / 3, math.nan], "k": ["s", None]}))
+    t = Table("x", "X", pd.DataFrame([{"a": "1"}]), pd.DataFrame({"m": [1 / 3, math.nan, math.inf], "k": ["s", None, "t"]}))
     assert write_table(t, tmp_path) == [tmp_path / "x.md", tmp_path / "x.csv"]
-    assert (tmp_path / "x.csv").read_bytes() == b"m,k\n0.3333,s\n,\n"  # no index, blank for missing, '\n' ends
+    assert (tmp_path / "x.csv").read_bytes() == b"m,k\n0.3333,s\n,\ninf,t\n"  # no index, blank for missing, '\n' ends
     assert (tmp_path / "x.md").read_bytes() == to_markdown(t).encode()
 
 
@@ -666,4 +459,57 @@ def test_synthetic_seeds_are_aggregated_like_any_other_run(tmp_path: Path, cells
     assert (row["kind"], row["n"], row["mean"], row["paper_table"], row["differences"]) == ("synthetic", 2, 52.0, "", "")
     assert row["ci95"] == pytest.approx(stats.t.ppf(0.975, 1) * np.std([50.0, 54.0], ddof=1) / math.sqrt(2))
     assert math.isnan(row["paper"]) and b.display.empty and b.sections[0][1]["final test error (%)"].tolist() == [
-        _ours([50.0, 54.0])]
+        ours_cell([50.0, 54.0])]
+
+
+def _printed_decimals(text: str) -> int:
+    return len(text.split(".")[1]) if "." in text else 0
+
+
+def test_the_papers_sam_minus_sgd_has_the_precision_of_the_printed_values(tabled, cells) -> None:
+    """Every row of Tables 1-5: the paper's SAM - SGD, to as many decimals as the more precise of
+    the two printed values (Table 2's ResNet-101 row prints a CI of '<0.01' beside '19.0': still 1)."""
+    checked = 0
+    for number, table in zip(range(1, 6), tabled.tables):
+        mine = cells[cells["table"] == number]
+        by_row = mine.groupby(["dataset", "model", "epochs", "augment", "label_noise", "metric"], sort=False)
+        shown = table.display["SAM-SGD (paper)"].tolist()
+        assert len(shown) == by_row.ngroups
+        for text, (_, pair) in zip(shown, by_row):
+            value = {r["method"]: r["value"] for _, r in pair.iterrows()}
+            decimals = max(_printed_decimals(value["sam"]), _printed_decimals(value["sgd"]))
+            assert text == f"{float(value['sam']) - float(value['sgd']):+.{decimals}f}", (number, value)
+            checked += 1
+    assert checked == 156 // 2
+
+
+def test_epochs_the_paper_does_not_state_are_marked_as_ours_in_the_row_labels(tabled) -> None:
+    """PAPER.md gives no epochs for Table 1's Shake-Shake and PyramidNet rows: our 1800 is marked '1800*'."""
+    t1 = tabled.tables[0].display
+    marked = {(r["model"], r["epochs"]) for _, r in t1.iterrows() if r["epochs"].endswith("*")}
+    assert marked == {("shakeshake26_2x96d", "1800*"), ("pyramidnet272", "1800*")}
+    assert set(t1.loc[t1["model"] == "pyramidnet272_shakedrop", "epochs"]) == {"1800"}  # stated by the paper
+    assert set(t1.loc[t1["model"] == "wrn28_10", "epochs"]) == {"200", "1800"}
+
+
+def test_the_paper_cells_frame_has_the_csv_columns_and_the_order_and_expected_setting() -> None:
+    from sam_repro.report.paper import paper_csv
+    from sam_repro.report.tables import paper_cells
+
+    cells = paper_cells()
+    assert list(cells.columns) == [*paper_csv().columns, "order", "expected"]
+    assert list(cells.index) == list(range(len(cells))) == cells["order"].tolist()
+    assert set(cells["method"]) == {"sam", "sgd"} and len(cells) == 156
+
+
+def test_budget_table_of_no_runs_keeps_its_columns(cells) -> None:
+    from sam_repro.report.load import load_runs
+    from sam_repro.report.tables import budget_table
+
+    runs = load_runs(Path("/nonexistent/runs")).runs
+    b = budget_table(runs, cells, {})
+    assert list(b.data.columns) == ["kind", "dataset", "model", "augment", "label_noise", "optimizer", "rho", "epochs",
+                                    "batch_size", "data.source", "metric", "n", "mean", "ci95", "paper_table", "paper",
+                                    "differences", "ran_on"]
+    assert b.data.empty and b.display.empty
+
