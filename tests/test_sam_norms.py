@@ -88,3 +88,15 @@ def test_keeping_the_norms_adds_no_host_synchronization(p: float, adaptive: bool
         nn.functional.cross_entropy(net(x.float()), y).backward()
         opt.second_step(zero_grad=True)
     assert total.is_cuda
+
+
+def test_norms_of_parts_on_several_devices_combine_on_the_first_parts_device_in_float32() -> None:
+    """A model split over devices: each part's norm is taken where it lives, and the parts meet on the
+    first part's device. "meta" stands in for a second device on a CPU-only machine (a tensor can be
+    moved onto it; stacking it with a CPU tensor fails, as a CUDA and a CPU tensor would)."""
+    from sam_repro.optim.sam import _combine
+
+    on_cpu = _combine([torch.tensor(3.0, dtype=torch.float64), torch.tensor(4.0, dtype=torch.float16)])
+    assert on_cpu.dtype == torch.float32 and on_cpu.item() == 5.0
+    split = _combine([torch.tensor(3.0, dtype=torch.float64, device="meta"), torch.tensor(4.0, dtype=torch.float64)])
+    assert (split.device.type, split.dtype, split.shape) == ("meta", torch.float32, torch.Size([]))
