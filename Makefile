@@ -29,18 +29,14 @@ test: install ## install, then run the whole test suite on the CPU
 test-fast: install ## the suite without the slow end-to-end tests
 	$(PY) -m pytest -q -m "not slow"
 
-# `make mutate` mutates the modules in MUTATE and re-tests each of their mutants (default: every
-# module that decides numbers except report/tables, report/plots and report/sharpness, whose tests
-# are still being strengthened: docs/testing.md). `make mutate MUTATE=sam_repro.validate` checks one
-# module, `MUTATE=all` every module, `MUTATE=changed` re-tests only what changed since the last run.
-# An entry with a `*` is passed as it is: `sam_repro.report.x*` is the report package's own
-# functions (report/__init__.py). Not part of `make test`.
-MUTATE ?= sam_repro.optim sam_repro.engine.step sam_repro.engine.schedule sam_repro.engine.checkpoint \
-          sam_repro.data.noise sam_repro.data.augment sam_repro.runlog sam_repro.validate \
-          sam_repro.report.load sam_repro.report.paper sam_repro.report.cli sam_repro.report.x*
-MUTATE_ARGS = $(if $(filter changed,$(MUTATE)),,$(foreach m,$(if $(filter all,$(MUTATE)),$(MUTATE_ALL),$(MUTATE)),"$(m)$(if $(findstring *,$(m)),,.*)"))
-MUTATE_ALL = sam_repro.optim sam_repro.engine sam_repro.data sam_repro.validate sam_repro.runlog sam_repro.report
-mutate: install ## mutation testing (mutmut) of the modules that decide numbers; summary to results/mutation/
+# `make mutate` mutates every module in [tool.mutmut] only_mutate (pyproject.toml: the modules that
+# decide numbers) and re-tests each mutant; run again, it re-tests only the functions that changed.
+# `make mutate MUTATE=sam_repro.validate` checks one module (or several, space-separated); an entry
+# with a `*` is passed as it is (`sam_repro.report.x*`: report/__init__.py's own functions).
+# Not part of `make test` (docs/testing.md).
+MUTATE ?=
+MUTATE_ARGS = $(foreach m,$(MUTATE),"$(m)$(if $(findstring *,$(m)),,.*)")
+mutate: install ## mutation testing (mutmut) of the modules that decide numbers (~30 min on 2 cores); summary to results/mutation/
 	$(PY) -c "import mutmut" 2>/dev/null || $(PY) -m pip install -q -e ".[dev,launchers,mutate]"
 	set -o pipefail; OMP_NUM_THREADS=1 $(VENV)/bin/mutmut run --max-children 2 $(MUTATE_ARGS) | grep -av '^🎉'
 	$(PY) scripts/mutation_summary.py --out results/mutation --label summary
