@@ -7,6 +7,7 @@ import json
 import math
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 import pandas as pd
 import pytest
@@ -205,3 +206,13 @@ def test_rho_sweep_data_row_by_row_whatever_order_the_runs_load_in(tmp_path: Pat
     assert to_hex(baseline.get_color()) == "#1f77b4" and set(baseline.get_ydata()) == {11.0}
     assert [c.get_label() for c in figures[b].axes[0].containers] == ["ASAM (mean ± 95% CI)"]
     assert to_hex(figures[b].axes[0].containers[0].lines[0].get_color()) == "#2ca02c"  # tab:green
+
+
+def test_a_saved_plot_ignores_the_callers_savefig_settings(tmp_path: Path) -> None:
+    """The PNG's pixel size is fixed by the figure (6.4 x 4.2 in at 100 dpi), whatever a user's
+    matplotlibrc says about saving (dpi, transparency, cropping)."""
+    fig, ax = plots._new_figure()
+    ax.plot([0, 1], [0, 1])
+    with matplotlib.rc_context({"savefig.dpi": 50, "savefig.format": "svg", "savefig.bbox": "tight"}):
+        path = plots._save(fig, tmp_path / "f.png")
+    assert_valid_png(path)

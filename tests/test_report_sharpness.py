@@ -448,6 +448,8 @@ def test_landscape_figures_content(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert tuple(fig.get_size_inches()) == pytest.approx((4.2 * 4, 3.8))
     assert fig._suptitle.get_text() == f"{C10}: loss landscape (SGD vs SAM)"
     one, sgd2d, sam2d, lin, cbar = fig.axes
+    boxes = [ax.get_position() for ax in (one, sgd2d, sam2d, lin)]  # one row of panels, left to right
+    assert len({round(b.y0, 6) for b in boxes}) == 1 and [b.x0 for b in boxes] == sorted(b.x0 for b in boxes)
     assert to_rgba(one.get_facecolor()) == to_rgba("white")  # the default style, not the caller's rcParams
     # 1D: every run with a slice, in method order (SGD, SAM, others), then seed.
     assert (one.get_title(), one.get_xlabel(), one.get_ylabel()) == (

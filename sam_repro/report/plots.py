@@ -2,8 +2,8 @@
 
 Each function returns a `Plot`: the DataFrame it drew (so tests can check the numbers behind a
 figure) and the files it wrote. Figures are plain `matplotlib.figure.Figure`s saved through the Agg
-renderer (no pyplot: no global backend switch, no display needed), drawn under the default style
-(a user's matplotlibrc cannot change the bytes) and saved without the PNG 'Software' tag, which
+renderer (no pyplot: no global backend switch, no display needed), drawn and saved under the default
+style (a user's matplotlibrc cannot change the bytes) and saved without the PNG 'Software' tag, which
 carries the matplotlib version.
 """
 from __future__ import annotations
@@ -40,7 +40,9 @@ class Plot:
 
 
 def _save(fig: Figure, path: Path) -> Path:
-    fig.savefig(path, format="png", dpi=100, metadata=PNG_METADATA)
+    # savefig reads rcParams (savefig.bbox, .transparent, .facecolor, ...) at save time: pin the defaults
+    with matplotlib.style.context("default"):
+        fig.savefig(path, format="png", dpi=100, metadata=PNG_METADATA)
     return path
 
 
