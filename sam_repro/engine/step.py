@@ -322,7 +322,10 @@ class TrainStep(FunctionalPasses):
         weights = {n: p.detach() for n, p in zip(self._param_names, self.params)}
         per_group, (loss, logits) = vmap(grad(loss_of, has_aux=True), in_dims=(None, 0, 0, 0),
                                          randomness="different")(weights, buffers, xg, yg)
-        return [per_group[n] for n in self._param_names], loss.mean(), logits
+        # A parameter the loss never reaches gets vmap's expanded zeros (stride 0 over the groups): it
+        # needs memory of its own, since the L2 term is added to the gradients in place.
+        grads = [per_group[n] if per_group[n].stride(0) else per_group[n].clone() for n in self._param_names]
+        return grads, loss.mean(), logits
 
     def _stacked_buffers(self, k: int) -> dict[str, Tensor]:
         """One copy of every BatchNorm running statistic per group (each device keeps its own)."""
