@@ -109,13 +109,15 @@ def test_a_non_image_batch_is_left_as_given() -> None:
 
 
 # -- bf16 autocast on the per-device path: BatchNorm in fp32 inside, bf16 out ------------------
-def bn_dtypes(model: nn.Module) -> list[tuple[torch.dtype, torch.dtype, torch.dtype]]:
-    """(input, output, running_mean) dtypes of each BatchNorm call, as the layer itself sees them
-    (hooks registered after the step's own, so they see what the step's hooks made of them)."""
+def bn_dtypes(model: nn.Module) -> list[tuple[torch.dtype, torch.dtype, torch.dtype, torch.dtype]]:
+    """(input, output, running_mean, weight) dtypes of each BatchNorm call, as the layer itself sees them
+    (hooks registered after the step's own, so they see what the step's hooks made of them; inside the
+    step's functional call `m.weight` is the weight the step passed in)."""
     seen: list = []
     for layer in model.modules():
         if isinstance(layer, nn.BatchNorm2d):
-            layer.register_forward_hook(lambda m, args, out: seen.append((args[0].dtype, out.dtype, m.running_mean.dtype)))
+            layer.register_forward_hook(
+                lambda m, args, out: seen.append((args[0].dtype, out.dtype, m.running_mean.dtype, m.weight.dtype)))
     return seen
 
 
@@ -147,11 +149,11 @@ def test_per_device_bf16_batchnorm_reads_fp32_returns_bf16_and_tracks_literal_de
     step = TrainStep(model, opt, None, StepConfig(device_batch=4, autocast_dtype=torch.bfloat16))
     seen = bn_dtypes(model)
     model.eval()
-    assert model(x).dtype == torch.float32 and seen == [(torch.float32,) * 3]  # the hooks idle before the step too
+    assert model(x).dtype == torch.float32 and seen == [(torch.float32,) * 4]  # the hooks idle before the step too
     seen.clear()
     model.train(), ref.train()
     stats = step(x, y)
-    assert seen and all(s == (torch.float32, torch.bfloat16, torch.float32) for s in seen)
+    assert seen and all(s == (torch.float32, torch.bfloat16, torch.float32, torch.float32) for s in seen)  # BN weights stay fp32
     ref_loss = literal_devices_bf16(ref, ref_opt, x, y, k=2, l2=ocfg("sgd").weight_decay)
     torch.testing.assert_close(stats.loss_sum / 8, ref_loss, rtol=2e-2, atol=0)
     for name in ("conv.weight", "conv.bias", "bn.weight", "bn.bias", "fc.weight", "fc.bias"):
@@ -162,7 +164,7 @@ def test_per_device_bf16_batchnorm_reads_fp32_returns_bf16_and_tracks_literal_de
     seen.clear()
     model.eval(), ref.eval()
     out = model(x)
-    assert out.dtype == torch.float32 and seen == [(torch.float32, torch.float32, torch.float32)]
+    assert out.dtype == torch.float32 and seen == [(torch.float32,) * 4]
     plain = copy.deepcopy(model)  # deepcopy keeps hooks; compare with a fresh module holding the same state
     fresh = make(torch.float32)
     fresh.load_state_dict(plain.state_dict())
@@ -186,7 +188,7 @@ def test_per_device_bf16_step_tracks_the_fp32_per_device_step(name: str) -> None
         if dtype is not None:
             seen_bf16 = seen
         models.append(model)
-    assert seen_bf16 and all(s == (torch.float32, torch.bfloat16, torch.float32) for s in seen_bf16)
+    assert seen_bf16 and all(s == (torch.float32, torch.bfloat16, torch.float32, torch.float32) for s in seen_bf16)
     start = make(torch.float32).state_dict()
     for (key, a), b in zip(models[0].state_dict().items(), models[1].state_dict().values()):
         if key.endswith("num_batches_tracked"):
