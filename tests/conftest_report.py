@@ -81,6 +81,23 @@ def ours_cell(values: list[float]) -> str:
     return f"{mean:.2f}{half} (n={n})"
 
 
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def assert_valid_png(path: Path) -> None:
+    """A 640 x 420 PNG of a drawn figure, without the version-bearing Software tag."""
+    from PIL import Image
+
+    data = path.read_bytes()
+    assert data[:8] == PNG_MAGIC
+    assert len(data) > 10_000  # a drawn figure, not an empty canvas
+    with Image.open(path) as im:
+        im.verify()
+    with Image.open(path) as im:
+        assert im.size == (640, 420)
+        assert "Software" not in im.info  # no version string: the bytes do not change with matplotlib
+
+
 def curve_for(final_err: float) -> list[float]:
     """A 4-epoch learning curve ending at `final_err`."""
     return [final_err + 30.0, final_err + 10.0, final_err + 2.0, final_err]
@@ -228,11 +245,12 @@ class Plotted:
 
 
 @pytest.fixture(scope=module_scope)
-def plotted(runs_root: Path, tabled: Tabled, tmp_path_factory: pytest.TempPathFactory) -> Plotted:
+def plotted(runs_root: Path, cells, tmp_path_factory: pytest.TempPathFactory) -> Plotted:
     """The plot functions called as generate calls them, with each figure captured instead of
-    rendered: a PNG costs ~0.2 s to render, and test_report_plots.py checks the files generate writes."""
+    rendered: a PNG costs ~0.2 s to render, and test_report_generate.py checks the files generate writes."""
     from sam_repro.report import plots
     from sam_repro.report.load import load_runs
+    from sam_repro.report.tables import match_runs, paper_table
 
     figures: dict[str, Any] = {}
 
@@ -241,12 +259,13 @@ def plotted(runs_root: Path, tabled: Tabled, tmp_path_factory: pytest.TempPathFa
         return Path(path)
 
     runs = load_runs(runs_root).runs
+    table4 = paper_table(4, runs, cells, match_runs(runs, cells))  # the label-noise plot's input
     out = tmp_path_factory.mktemp("plots")
     mp = pytest.MonkeyPatch()
     mp.setattr(plots, "_save", capture)
     try:
         drawn = {"learning curves": plots.learning_curves(runs, out),
-                 "label noise": plots.label_noise(tabled.tables[3], out),
+                 "label noise": plots.label_noise(table4, out),
                  "rho sweep": plots.rho_sweep(runs, out)}
     finally:
         mp.undo()

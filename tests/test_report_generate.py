@@ -1,6 +1,7 @@
 """sam_repro.report as a whole: generate (README, deviations, hardware, bytes, stale plots) and the sam-report CLI."""
 from __future__ import annotations
 
+import io
 import json
 import math
 from pathlib import Path
@@ -8,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from tests.conftest_report import FIX, SKIPPED_REASONS, ours_cell, report, runs_root, write_run  # noqa: F401
+from tests.conftest_report import FIX, SKIPPED_REASONS, assert_valid_png, ours_cell, report, runs_root, write_run  # noqa: F401
 
-from sam_repro.report import generate
+from sam_repro.report import generate, plots
 from sam_repro.report.cli import main
 
 
@@ -185,3 +186,28 @@ def test_readme_names_the_hardware_of_paper_cell_runs_unknown_included(tmp_path:
     generate(bare, tmp_path / "out2")
     assert "- Hardware (env.device of the runs in paper cells): none (no runs in paper cells).\n" in \
         (tmp_path / "out2" / "README.md").read_text()
+
+
+def test_every_plot_file_generate_writes_is_a_valid_png_of_the_figure_drawn(runs_root: Path, tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    figures = {}
+    save = plots._save
+
+    def capture(fig, path: Path) -> Path:
+        figures[Path(path).stem] = fig
+        return save(fig, path)
+
+    monkeypatch.setattr(plots, "_save", capture)
+    report = generate(runs_root, tmp_path)
+    files = [f for p in report.plots.values() for f in p.files]
+    assert sorted(f.name for f in files if not f.name.startswith("sharpness_")) == [
+        "curves_cifar10_wrn28_10_basic_15ep.png",
+        "curves_cifar10_wrn28_10_basic_200ep.png",
+        "label_noise.png",
+        "rho_cifar10_wrn28_10_basic_15ep.png",
+    ]
+    for f in files:
+        assert_valid_png(f)
+        buf = io.BytesIO()  # the file is the figure the plot function drew, rendered once
+        figures[f.stem].savefig(buf, format="png", dpi=100, metadata=plots.PNG_METADATA)
+        assert f.read_bytes() == buf.getvalue(), f.name

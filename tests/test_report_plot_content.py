@@ -1,7 +1,7 @@
 """What each report figure draws, read from the matplotlib artists, against the fixture runs.
 
-`test_report_plots.py` checks the DataFrame a plot function returns and that each PNG generate
-writes is the figure drawn; here the figure itself is captured (the module's one save function is
+`test_report_plots.py` checks the DataFrame a plot function returns, `test_report_generate.py` that
+each PNG generate writes is the figure drawn; here the figure itself is captured (the module's one save function is
 replaced: conftest_report.plotted) and its lines, bands, error bars and baselines are compared
 with numbers computed in the test from the fixture values.
 """
@@ -15,13 +15,13 @@ from scipy import stats
 from matplotlib.collections import PolyCollection
 from matplotlib.colors import to_hex
 from matplotlib.figure import Figure
-from tests.conftest_report import FIX, cells, curve_for, plotted, runs_root, tabled  # noqa: F401  (fixtures)
+from tests.conftest_report import FIX, cells, curve_for, plotted, runs_root  # noqa: F401  (fixtures)
 
 
 
 @pytest.fixture
 def drawn(plotted) -> dict[str, Figure]:
-    """file stem -> the Figure drawn for it (test_report_plots.py checks that the PNG is this figure)."""
+    """file stem -> the Figure drawn for it (test_report_generate.py checks that the PNG is this figure)."""
     return plotted.figures
 
 

@@ -1,8 +1,7 @@
-"""sam_repro.report.plots: valid PNGs, and the numbers behind each figure match the fixture runs."""
+"""sam_repro.report.plots: the numbers behind each figure match the fixture runs; file stems, order, the saved PNG."""
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import math
 from pathlib import Path
@@ -11,52 +10,12 @@ import matplotlib
 import numpy as np
 import pandas as pd
 import pytest
-from tests.conftest_report import FIX, cells, curve_for, plotted, runs_root, tabled, write_run  # noqa: F401  (fixtures)
+from tests.conftest_report import FIX, cells, curve_for, assert_valid_png, plotted, runs_root, write_run  # noqa: F401  (fixtures)
 from matplotlib.colors import to_hex
-from PIL import Image
 from scipy import stats
 
-from sam_repro.report import generate, plots
+from sam_repro.report import plots
 from sam_repro.report.load import load_runs
-
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
-
-
-def assert_valid_png(path: Path) -> None:
-    data = path.read_bytes()
-    assert data[:8] == PNG_MAGIC
-    assert len(data) > 10_000  # a drawn figure, not an empty canvas
-    with Image.open(path) as im:
-        im.verify()
-    with Image.open(path) as im:
-        assert im.size == (640, 420)
-        assert "Software" not in im.info  # no version string: the bytes do not change with matplotlib
-
-
-def test_every_plot_file_generate_writes_is_a_valid_png_of_the_figure_drawn(runs_root: Path, tmp_path: Path,
-                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    figures = {}
-    save = plots._save
-
-    def capture(fig, path: Path) -> Path:
-        figures[Path(path).stem] = fig
-        return save(fig, path)
-
-    monkeypatch.setattr(plots, "_save", capture)
-    report = generate(runs_root, tmp_path)
-    files = [f for p in report.plots.values() for f in p.files]
-    assert sorted(f.name for f in files if not f.name.startswith("sharpness_")) == [
-        "curves_cifar10_wrn28_10_basic_15ep.png",
-        "curves_cifar10_wrn28_10_basic_200ep.png",
-        "label_noise.png",
-        "rho_cifar10_wrn28_10_basic_15ep.png",
-    ]
-    for f in files:
-        assert_valid_png(f)
-        buf = io.BytesIO()  # the file is the figure the plot function drew, rendered once
-        figures[f.stem].savefig(buf, format="png", dpi=100, metadata=plots.PNG_METADATA)
-        assert f.read_bytes() == buf.getvalue(), f.name
-
 
 def test_learning_curves_data_is_the_seed_mean_min_and_max(plotted) -> None:
     data = plotted.plots["learning curves"].data
