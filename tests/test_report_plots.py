@@ -175,3 +175,12 @@ def test_a_saved_plot_ignores_the_callers_savefig_settings(tmp_path: Path) -> No
     with matplotlib.rc_context({"savefig.dpi": 50, "savefig.format": "svg", "savefig.bbox": "tight"}):
         path = plots._save(fig, tmp_path / "f.png")
     assert_valid_png(path)
+
+
+def test_sam_runs_at_one_rho_each_draw_no_sweep_and_keep_the_columns(tmp_path: Path) -> None:
+    runs = tmp_path / "runs"
+    write_run(runs, "a", test_err=5.0, rho=0.05, epochs=15)
+    write_run(runs, "b", test_err=6.0, rho=0.1, epochs=30)  # another setting, also one rho
+    plot = plots.rho_sweep(load_runs(runs).runs, tmp_path)
+    assert plot.files == [] and plot.data.empty
+    assert list(plot.data.columns) == ["figure", "optimizer", "rho", "mean", "ci95", "min", "max", "n"]
