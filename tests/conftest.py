@@ -30,10 +30,16 @@ _COMPOSED: dict[tuple[str, ...], DictConfig] = {}
 
 def composed_copy(overrides: Sequence[str] = ()) -> DictConfig:
     """compose_config(overrides), composed once per process; each call returns a fresh copy to change."""
+    return composed_shared(overrides).copy()
+
+
+def composed_shared(overrides: Sequence[str] = ()) -> DictConfig:
+    """compose_config(overrides), composed once per process, the cached object itself: a caller that
+    changes it must undo the change (tests/test_validate.py's `problems_after`)."""
     key = tuple(overrides)
     if key not in _COMPOSED:
         _COMPOSED[key] = compose_config(key)
-    return _COMPOSED[key].copy()
+    return _COMPOSED[key]
 
 
 def sam_train(args: Sequence[str], cwd: Path, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -74,9 +74,11 @@ def warm_fork_server(config: pytest.Config) -> None:
     from matplotlib.figure import Figure
 
     from sam_repro.validate import validate
-    from tests.conftest import composed_copy
+    from tests.conftest import composed_shared
 
-    validate(composed_copy(["experiment=smoke"]))  # also imports the model registry's families
+    validate(composed_shared(["experiment=smoke"]))  # also imports the model registry's families
+    for overrides in (["experiment=t2_imagenet_resnet50_100ep"], ["experiment=smoke", "logger=wandb"]):
+        composed_shared(overrides)  # the other configs tests/test_validate.py changes and restores
     fig = Figure()
     ax = fig.add_subplot()
     ax.plot([0, 1], [0, 1], label="warm")
