@@ -165,6 +165,8 @@ def test_flat_config_is_the_documented_block(overrides: list[str], world: int) -
     }
     got = flat_config(cfg, "bf16", world)
     assert got == want
+    if world == 1:
+        assert flat_config(cfg, "bf16") == want  # one process unless told otherwise
     assert type(got["device_batch"]) is int  # metrics.json says 64, not 64.0
     json.dumps(got, allow_nan=False)  # what metrics.json can hold: p = inf is the string "inf"
 
