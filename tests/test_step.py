@@ -532,3 +532,40 @@ def test_a_model_that_is_itself_a_batchnorm_keeps_per_device_statistics() -> Non
     torch.testing.assert_close(model.running_mean, 0.1 * device_means.mean(0), rtol=1e-12, atol=1e-14)
     unbiased = x.view(2, 4, 5).var(1, unbiased=True)
     torch.testing.assert_close(model.running_var, 0.9 + 0.1 * unbiased.mean(0), rtol=1e-12, atol=1e-14)
+
+
+def test_a_root_batchnorm_keeps_its_weights_in_float32_under_bf16_on_the_per_device_path() -> None:
+    """The root module's parameters have no prefix either ('weight'): BatchNorm's weights stay fp32
+    under autocast, as they do for a BatchNorm inside a model (tests/test_step_layouts.py)."""
+    torch.manual_seed(0)
+    model = nn.BatchNorm1d(5)
+    seen = []
+    model.register_forward_hook(lambda m, args, out: seen.append(m.weight.dtype))
+    x, y = torch.randn(8, 5), torch.randint(0, 5, (8,))
+    engine_step(model, optim_cfg("sgd"), x, y, device_batch=4, autocast_dtype=torch.bfloat16)
+    assert seen and set(seen) == {torch.float32}
+
+
+def test_the_per_device_path_calls_the_plain_module_never_its_wrapper() -> None:
+    """Under DDP or torch.compile the step gets the wrapper as `model` and the plain module as `module`:
+    the grouped path must call the plain module functionally (a DDP forward would all-reduce inside
+    vmap) and still train the same weights."""
+    class Wrapper(nn.Module):
+        def __init__(self, inner: nn.Module) -> None:
+            super().__init__()
+            self.inner, self.calls = inner, 0
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.calls += 1
+            return self.inner(x)
+
+    x, y = data()
+    plain, inner = make(), make()
+    wrapper = Wrapper(inner)
+    for model, module in ((plain, None), (wrapper, inner)):
+        opt, sam = build_optimizer(model, optim_cfg("sam"))
+        step = TrainStep(model, opt, sam, StepConfig(device_batch=4), module=module)
+        model.train()
+        step(x, y)
+    assert wrapper.calls == 0
+    assert_same(plain, inner)
