@@ -1,9 +1,9 @@
 """What each report figure draws, read from the matplotlib artists, against the fixture runs.
 
 `test_report_plots.py` checks the DataFrame a plot function returns, `test_report_generate.py` that
-each PNG generate writes is the figure drawn; here the figure itself is captured (the module's one save function is
-replaced: conftest_report.plotted) and its lines, bands, error bars and baselines are compared
-with numbers computed in the test from the fixture values.
+each PNG generate writes is the figure drawn; here the figure itself is captured (the module's one
+save function is replaced: conftest_report.plotted) and its lines, bands, error bars and baselines
+are compared with numbers computed in the test from the fixture values.
 """
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ from matplotlib.collections import PolyCollection
 from matplotlib.colors import to_hex
 from matplotlib.figure import Figure
 from tests.conftest_report import FIX, cells, curve_for, plotted, runs_root  # noqa: F401  (fixtures)
-
 
 
 @pytest.fixture

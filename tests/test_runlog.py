@@ -228,7 +228,6 @@ def test_cpu_name_and_the_environment_block() -> None:
                    "python": platform.python_version(), "hostname": socket.gethostname()}
 
 
-
 def test_the_environment_block_of_a_cuda_device_names_that_gpu_and_the_cuda_version(monkeypatch: pytest.MonkeyPatch) -> None:
     """The CUDA branch, on a CPU-only machine: torch.cuda.get_device_name stands in for the driver."""
     asked = []
@@ -243,6 +242,7 @@ def test_the_environment_block_of_a_cuda_device_names_that_gpu_and_the_cuda_vers
     assert asked == [torch.device("cuda", 1)]  # the run's own device, not the current one
     assert (env["device"], env["device_type"], env["cuda"]) == ("Fake GPU 1", "cuda", "12.8")
     assert env["torch"] == torch.__version__ and env["git_sha"] == git_state()[0]
+
 
 # -- cpu_name where /proc/cpuinfo is missing, unreadable or says no model ----------------------
 class FakeCpuinfo:

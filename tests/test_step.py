@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-
 import copy
 import math
 from typing import Optional
@@ -487,7 +486,7 @@ def test_true_gradient_acts_on_the_per_device_path() -> None:
 
 
 @pytest.mark.parametrize("name", ["sgd", "sam"])
-def test_the_first_pass_context_wraps_samis_first_pass_only(name: str) -> None:
+def test_the_first_pass_context_wraps_sams_first_pass_only(name: str) -> None:
     """DDP passes model.no_sync as first_pass_context: SAM's first (unperturbed) pass must not all-reduce
     (each replica perturbs with its own gradient); SGD's only pass must."""
     x, y = data()
@@ -521,8 +520,8 @@ def test_a_parameter_without_gradient_still_gets_its_l2_step_on_the_per_device_p
 
 
 def test_a_model_that_is_itself_a_batchnorm_keeps_per_device_statistics() -> None:
-    """The root module's own buffers have no prefix ('running_mean', not '.running_mean'): each device
-    normalizes its own slice, and the running mean becomes the devices' mean of their batch means."""
+    """A root module (no name prefix) on the per-device path: each device normalizes its own slice, and
+    the running statistics become the devices' mean of their batch statistics."""
     torch.manual_seed(0)
     model = nn.BatchNorm1d(5).double()  # features in, the normalized features as 5 logits
     x = torch.randn(8, 5, dtype=torch.float64) + torch.arange(5, dtype=torch.float64)

@@ -110,10 +110,11 @@ def problems_after(changes: dict[str, Any], preset: str = "smoke", *groups: str)
         return err.problems
     finally:
         for key, (_, leaf, old) in reversed(list(saved.items())):
-            if old is _ABSENT:
+            if old is _ABSENT:  # added by the case (if the update got that far): remove it again
                 parent = _raw(cfg, key)[0]
-                with open_dict(parent):
-                    del parent[leaf]
+                if parent is not None and leaf in parent:
+                    with open_dict(parent):
+                        del parent[leaf]
             else:
                 OmegaConf.update(cfg, key, old, merge=False)
     return []
