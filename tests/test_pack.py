@@ -45,15 +45,24 @@ def rows(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def worst_relative_gap(a: Path, b: Path) -> float:
-    """The largest relative difference over every metrics.jsonl value (rows and keys must match)."""
+# Error rates are percentages of a count of examples: discrete. They are compared as counts, never by a
+# relative tolerance (one example more of 64 is 1.6 % whatever the tolerance was meant for).
+ERRORS = {"train_err": "train", "test_err": "test", "val_err": "val"}
+
+
+def worst_relative_gap(a: Path, b: Path, discrete: bool = True) -> float:
+    """The largest relative difference over the continuous metrics.jsonl values (rows and keys must
+    match); with `discrete`, the error counts must be equal (float64 runs: a flip needs an example
+    whose top-2 logit margin is below ~1e-13)."""
     ra, rb = rows(a), rows(b)
     assert len(ra) == len(rb)
     worst = 0.0
     for x, y in zip(ra, rb):
         assert set(x) == set(y)
         for key in set(x) - TIMING:
-            if isinstance(x[key], float):
+            if key in ERRORS:
+                assert not discrete or x[key] == y[key], key
+            elif isinstance(x[key], float):
                 worst = max(worst, abs(x[key] - y[key]) / max(abs(x[key]), 1e-12))
             else:
                 assert x[key] == y[key], key
@@ -84,15 +93,36 @@ def test_pack_of_three_equals_three_solo_runs_in_float64(tmp_path: Path, optim: 
 
 def test_pack_in_float32_is_close_to_solo_runs(tmp_path: Path) -> None:
     """float32: the packed kernels sum in another order (vmap turns a member's convolutions into one
-    grouped convolution), a ~1e-7 relative difference per operation that training then amplifies
-    step by step; measured: 2e-3 at most after these 12 steps (SAM, clipping). Tolerance 1e-2, and the
-    first step's loss (before any amplification) to 1e-5."""
+    grouped convolution), a ~1e-7 relative difference per operation that training amplifies step by
+    step, by an amount that depends on the CPU's kernels and thread count. Continuous values: 2e-3 at
+    most measured after these 12 steps (SAM, clipping) on Intel and AMD machines; tolerance 2e-2.
+    The final test error is a count of examples, and only an example whose top-2 logit margin is
+    smaller than twice the largest logit difference between the two models can be classified
+    differently: the counts may differ by at most the number of such examples, a bound computed
+    here from the two models rather than assumed. The training error (accumulated over steps at
+    weights not kept) is not compared."""
     cfgs = configs("sam", "fp32", ("epochs=2",))
     for i, cfg in enumerate(cfgs):
         fit(cfg, tmp_path / f"solo{i}")
     fit_pack([(cfg, tmp_path / f"pack{i}") for i, cfg in enumerate(cfgs)])
-    for i in range(3):
-        assert worst_relative_gap(tmp_path / f"solo{i}", tmp_path / f"pack{i}") < 1e-2
+    for i, cfg in enumerate(cfgs):
+        solo, packed = tmp_path / f"solo{i}", tmp_path / f"pack{i}"
+        assert worst_relative_gap(solo, packed, discrete=False) < 2e-2
+        logits = []
+        for run_dir in (solo, packed):
+            trainer = Trainer(cfg, tmp_path / "eval")
+            trainer.model.load_state_dict(load_checkpoint(run_dir)["model"])
+            trainer.model.eval()
+            with torch.no_grad():
+                batches = [(trainer.model(x), y) for x, y in trainer.test_loader]
+            logits.append(torch.cat([out for out, _ in batches]))
+            labels = torch.cat([y for _, y in batches])
+        a, b = logits
+        top2 = a.topk(2, dim=1).values
+        near_boundary = int(((top2[:, 0] - top2[:, 1]) <= 2 * (a - b).abs().max()).sum())
+        wrong = [round(rows(d)[-1]["test_err"] * labels.numel() / 100) for d in (solo, packed)]
+        assert wrong[0] == int((a.argmax(1) != labels).sum()) and wrong[1] == int((b.argmax(1) != labels).sum())
+        assert abs(wrong[0] - wrong[1]) <= near_boundary, (wrong, near_boundary)
 
 
 def test_first_packed_step_matches_each_solo_step_in_float32(tmp_path: Path) -> None:
