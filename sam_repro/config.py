@@ -6,9 +6,18 @@ type fails at composition, before anything runs. Semantic checks (ranges, names 
 in a registry) live in `sam_repro.validate`, which runs right after composition.
 
 Defaults follow the official SAM code (google-research/sam); each departure is a named switch.
+
+Each key also declares, once and here, the roles it plays outside a single run (`keyed(...)`):
+- MEMBER: may differ between the members of one pack (hydra/launcher=pack); every other key fixes
+  tensor shapes, the data pipeline or the step, and must agree;
+- RESUME_FREE: may change between a killed run and its resumption (where things are, how progress
+  is shown); any other change makes `resume=auto` refuse the run directory;
+- UNNAMED: not part of the run directory's name (`hydra.job.override_dirname`).
+A node declared with a role gives it to every key below it. `keys_with(role)` lists them.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -16,21 +25,33 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import OmegaConf
 
+MEMBER, RESUME_FREE, UNNAMED = "member", "resume_free", "unnamed"
+WHERE = (MEMBER, RESUME_FREE, UNNAMED)  # where a run lives or how it is shown, not what it computes
+_NO_DEFAULT = object()
+
+
+def keyed(default: Any = _NO_DEFAULT, *, roles: tuple[str, ...], factory: Any = None) -> Any:
+    """A schema field that plays `roles` (MEMBER, RESUME_FREE, UNNAMED)."""
+    metadata = {"roles": frozenset(roles)}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
 
 @dataclass
 class DatasetConfig:
     name: str = "cifar10"  # a key of sam_repro.data.DATASETS
     source: str = "torchvision"  # torchvision | folder | synthetic (see sam_repro.data.sources)
-    root: str = "${data_root}/${.name}"  # torchvision files, or ROOT/{train,test}/<class>/* for folder
-    download: bool = False  # torchvision only; needs network
+    root: str = keyed("${data_root}/${.name}", roles=(RESUME_FREE, UNNAMED))  # torchvision files, or ROOT/{train,test}/<class>/* for folder
+    download: bool = keyed(False, roles=(RESUME_FREE, UNNAMED))  # torchvision only; needs network
     val_fraction: float = 0.0  # hold out this fraction of the training set (the paper used 0.1 to pick rho)
-    label_noise: float = 0.0  # fraction of training labels corrupted, in [0, 1)
-    noise_kind: str = "symmetric"  # symmetric | asymmetric
-    noise_seed: int = 0  # label noise is drawn independently of the training seed
+    label_noise: float = keyed(0.0, roles=(MEMBER,))  # fraction of training labels corrupted, in [0, 1)
+    noise_kind: str = keyed("symmetric", roles=(MEMBER,))  # symmetric | asymmetric
+    noise_seed: int = keyed(0, roles=(MEMBER,))  # label noise is drawn independently of the training seed
     split_seed: int = 0  # seed of the validation split
     svhn_extra: bool = True  # SVHN: train on train+extra (604,388 images), as the paper
-    decode_workers: int = 0  # folder source: processes decoding images (0 = one per core)
-    cache_dir: Optional[str] = None  # folder source: where decoded tensors are cached (default: beside root)
+    decode_workers: int = keyed(0, roles=(RESUME_FREE, UNNAMED))  # folder source: processes decoding images (0 = one per core)
+    cache_dir: Optional[str] = keyed(None, roles=(RESUME_FREE, UNNAMED))  # folder source: where decoded tensors are cached (default: beside root)
     # The side of the images the model sees. null: the dataset's (224 for ImageNet, 32 for CIFAR), or a
     # pretrained model's input size when finetuning (B7: 600, L2: 475). Arrays stored smaller are
     # upsampled after augmentation; file-backed data is cropped to it.
@@ -67,7 +88,7 @@ class ModelConfig:
     # the classifier head is always new, sized for the dataset. Input size and normalization then
     # follow the model's pretrained config.
     pretrained: bool = False  # timm models only; the name's tag picks the weights (tf_efficientnet_b7.ra_in1k)
-    checkpoint: Optional[str] = None  # a state_dict file (.pth/.pt/.bin/.safetensors), or a dict holding it under "model"/"state_dict"
+    checkpoint: Optional[str] = keyed(None, roles=(RESUME_FREE, UNNAMED))  # a state_dict file (.pth/.pt/.bin/.safetensors), or a dict holding it under "model"/"state_dict"
     freeze_bn: bool = False  # finetuning: BatchNorm statistics frozen, as in the paper
 
 
@@ -75,23 +96,23 @@ class ModelConfig:
 class OptimConfig:
     name: str = "sam"  # sgd | sam | asam
     base: str = "sgd"  # base optimizer: sgd | adamw
-    lr: float = 0.1  # for the whole batch (batch_size)
-    momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 5e-4
+    lr: float = keyed(0.1, roles=(MEMBER,))  # for the whole batch (batch_size)
+    momentum: float = keyed(0.9, roles=(MEMBER,))
+    nesterov: bool = keyed(True, roles=(MEMBER,))
+    weight_decay: float = keyed(5e-4, roles=(MEMBER,))
     wd_mode: str = "loss"  # loss (L2 in the loss, enters e(w): official) | decoupled (in the base optimizer: popular port)
     wd_on_bn: bool = True  # official: decay every parameter, BatchNorm and biases included
-    rho: float = 0.05
+    rho: float = keyed(0.05, roles=(MEMBER,))
     p: float = 2.0  # 2 or inf
     adaptive: bool = False  # ASAM
-    eta: float = 0.0  # ASAM: T = |w| + eta
+    eta: float = keyed(0.0, roles=(MEMBER,))  # ASAM: T = |w| + eta
     asam_scale: str = "weights"  # ASAM: T on parameters named *weight* (official ASAM code; biases T = 1) | all
     eps: float = 1e-12
     m: Optional[int] = None  # m-sharpness: examples per perturbation (divides device_batch); null = the device batch
     bn_stats: str = "first_pass"  # first_pass (official) | both
     true_gradient: bool = True  # first SAM pass: Shake-Shake/ShakeDrop use one coefficient both ways (official)
     shakedrop_mask: str = "fresh"  # SAM's perturbed pass: fresh ShakeDrop mask (official) | replay the first pass's
-    grad_clip: Optional[float] = 5.0  # global-norm clip of the applied (second-pass) gradient; official 5.0
+    grad_clip: Optional[float] = keyed(5.0, roles=(MEMBER,))  # global-norm clip of the applied (second-pass) gradient; official 5.0
     label_smoothing: float = 0.0
     sync_perturbation: bool = False  # multi-GPU: all-reduce the first-pass gradient before e(w)
 
@@ -107,18 +128,18 @@ class SchedConfig:
 
 @dataclass
 class EngineConfig:
-    device: str = "auto"  # auto (cuda when available) | cpu | cuda | cuda:N
+    device: str = keyed("auto", roles=(UNNAMED,))  # auto (cuda when available) | cpu | cuda | cuda:N
     precision: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 (strict) | tf32 | bf16 | fp16 | fp64
     channels_last: Optional[bool] = None  # null = on for GPU
     compile: bool = False  # torch.compile the model
     cuda_graphs: bool = False  # torch.compile mode=reduce-overhead (CUDA graphs) for launch-bound models
     deterministic: bool = False  # deterministic kernels (tests, bit-exact resume)
     loader: str = "auto"  # auto | device (data resident on the device, augmented there) | workers (DataLoader)
-    num_workers: int = 8  # loader=workers
-    eval_batch_size: int = 1024
+    num_workers: int = keyed(8, roles=(RESUME_FREE, UNNAMED))  # loader=workers
+    eval_batch_size: int = keyed(1024, roles=(RESUME_FREE, UNNAMED))
     eval_every: int = 1  # epochs between evaluations (each also logs a metrics.jsonl row and checkpoints)
     eval_every_steps: Optional[int] = None  # step-counted recipes: evaluate at the first epoch end after this many steps
-    progress: bool = True  # tqdm bars
+    progress: bool = keyed(True, roles=(RESUME_FREE, UNNAMED))  # tqdm bars
     ddp: bool = False  # re-launch under torchrun, one process per GPU (DistributedDataParallel)
     nproc: Optional[int] = None  # engine.ddp: processes to launch; null = every visible GPU (required on the CPU)
 
@@ -160,11 +181,11 @@ class TrainConfig:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
-    sched: SchedConfig = field(default_factory=SchedConfig)
+    sched: SchedConfig = keyed(roles=(MEMBER,), factory=SchedConfig)  # the whole schedule is per member
     engine: EngineConfig = field(default_factory=EngineConfig)
-    logger: LoggerConfig = field(default_factory=LoggerConfig)
-    name: str = "default"  # experiment name: the run directory's parent and metrics.json `experiment`
-    seed: int = 0
+    logger: LoggerConfig = keyed(roles=WHERE, factory=LoggerConfig)
+    name: str = keyed("default", roles=(MEMBER, UNNAMED))  # experiment name: the run directory's parent and metrics.json `experiment`
+    seed: int = keyed(0, roles=(MEMBER,))
     epochs: int = 200
     batch_size: int = 256  # global batch (all devices together)
     # Examples per device, real or emulated: each device batch is normalized by BatchNorm on its own
@@ -174,11 +195,13 @@ class TrainConfig:
     device_batch: Optional[int] = None
     # SAM's / ASAM's rho for this setting; optim=sam reads method_rho.sam, optim=asam method_rho.asam
     # (a preset sets both, so switching the method keeps each method's own rho). optim.rho=... wins.
-    method_rho: Dict[str, float] = field(default_factory=lambda: {"sam": 0.05, "asam": 0.5})
+    method_rho: Dict[str, float] = keyed(roles=(MEMBER,), factory=lambda: {"sam": 0.05, "asam": 0.5})
     train_steps: Optional[int] = None  # finetuning recipes count optimizer steps; overrides epochs
-    resume: str = "auto"  # auto (continue a run found in the run dir) | never | must
-    data_root: str = "${oc.env:SAM_DATA,'~/data'}"  # '~' is expanded by the data layer
-    runs_root: str = "runs"
+    resume: str = keyed("auto", roles=WHERE)  # auto (continue a run found in the run dir) | never | must
+    data_root: str = keyed("${oc.env:SAM_DATA,'~/data'}", roles=(RESUME_FREE, UNNAMED))  # '~' is expanded by the data layer
+    runs_root: str = keyed("runs", roles=WHERE)
+    # A run directory has one writer: a second process exits 2 naming the holder, or waits with this.
+    wait_for_lock: bool = keyed(False, roles=WHERE)
 
 
 def linear_lr(base_lr: float, base_batch: int, batch_size: int) -> float:
@@ -191,15 +214,46 @@ def linear_lr(base_lr: float, base_batch: int, batch_size: int) -> float:
 
 def register_configs() -> None:
     """Register the schema so that `defaults: [train_schema, ...]` in train.yaml can use it, and the
-    `linear_lr` resolver the ImageNet and finetuning presets use."""
+    resolvers the configs use (`linear_lr`; `unnamed_keys`, which names the run directory)."""
     ConfigStore.instance().store(name="train_schema", node=TrainConfig)
     OmegaConf.register_new_resolver("linear_lr", linear_lr, replace=True)
-    # hydra/launcher=pack: registered by hand, because Hydra's plugin scan walks hydra_plugins with
-    # pkgutil, which does not see into an editable install (`pip install -e .`)
-    from hydra.core.plugins import Plugins
-    from hydra_plugins.sam_repro_pack_launcher.pack_launcher import PackLauncher
+    OmegaConf.register_new_resolver("unnamed_keys", lambda *extra: [*extra, *keys_with(UNNAMED)], replace=True)
 
-    Plugins.instance().register(PackLauncher)
+
+def _declared(schema: type, prefix: str = "") -> list[tuple[str, frozenset, Optional[type]]]:
+    """(dotted key, its roles, its node type if it is a config node) for every field of `schema`."""
+    out = []
+    for f in dataclasses.fields(schema):
+        # `from __future__ import annotations`: the type is its name, maybe inside Optional[...]
+        node = globals().get(str(f.type).removeprefix("Optional[").removesuffix("]"))
+        node = node if isinstance(node, type) and dataclasses.is_dataclass(node) else None
+        out.append((prefix + f.name, f.metadata.get("roles", frozenset()), node))
+        if node is not None:
+            out += [(key, roles | f.metadata.get("roles", frozenset()), sub) for key, roles, sub in _declared(node, prefix + f.name + ".")]
+    return out
+
+
+def flatten(config: dict[str, Any], whole: tuple[str, ...] = ("model.kwargs",), prefix: str = "") -> dict[str, Any]:
+    """A resolved config (OmegaConf.to_container) as {"optim.lr": 0.1, ...}. The nodes named in `whole`
+    stay one value (a model's `kwargs` are the model's keys, not the schema's)."""
+    out: dict[str, Any] = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and name not in whole:
+            out.update(flatten(value, whole, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def keys_with(role: str) -> tuple[str, ...]:
+    """The schema's keys that play `role`, as declared (a node covers every key below it)."""
+    return tuple(key for key, roles, _ in _declared(TrainConfig) if role in roles)
+
+
+def has_role(key: str, role: str) -> bool:
+    """Whether a dotted key (or a key below a declared node, `sched.name`, `model.kwargs.depth`) plays `role`."""
+    return any(key == k or key.startswith(k + ".") for k in keys_with(role))
 
 
 def config_dir() -> Path:

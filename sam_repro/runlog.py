@@ -19,22 +19,23 @@ from typing import TYPE_CHECKING, Any, Optional
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from sam_repro.engine.checkpoint import atomic_write, write_json
+from sam_repro.rundir import CONFIG, METRICS, SUMMARY, atomic_write, write_json
 from sam_repro.optim.factory import METHODS
 
 if TYPE_CHECKING:
     from sam_repro.trackers import Trackers
 
 SCHEMA_VERSION = 1
-STATUSES = ("running", "completed", "diverged", "failed")
+# interrupted: Ctrl-C, SIGTERM, a preemption or a full disk stopped it; re-running the command resumes it
+STATUSES = ("running", "completed", "interrupted", "diverged", "failed")
 
 
 def now_iso() -> str:
     return dt.datetime.now(dt.timezone.utc).replace(microsecond=0).isoformat()
 
 
-def flat_config(cfg: DictConfig, precision: str, world_size: int = 1) -> dict[str, Any]:
-    """The flat `config` block: the keys the report groups runs by.
+def summary_config(cfg: DictConfig, precision: str, world_size: int = 1) -> dict[str, Any]:
+    """metrics.json's `config` block: the keys the report groups runs by.
 
     `device_batch` is the number of examples per device, real or emulated (BatchNorm normalizes over
     it): `device_batch`, else the batch of one process. `m` is the number of examples per
@@ -163,10 +164,10 @@ class RunLog:
 
     @property
     def jsonl(self) -> Path:
-        return self.run_dir / "metrics.jsonl"
+        return self.run_dir / METRICS
 
     def write_config(self, cfg: DictConfig) -> None:
-        atomic_write(self.run_dir / "config.yaml", lambda f: f.write(OmegaConf.to_yaml(cfg, resolve=True)), mode="w")
+        atomic_write(self.run_dir / CONFIG, lambda f: f.write(OmegaConf.to_yaml(cfg, resolve=True)), mode="w")
 
     def restore(self, history: list[dict[str, Any]], started_at: Optional[str], wall_s: float) -> None:
         """Resume: the history in the checkpoint is the truth; rewrite metrics.jsonl from it."""
@@ -208,4 +209,4 @@ class RunLog:
 
     def write_summary(self) -> None:
         self.summary["updated_at"] = now_iso()
-        write_json(self.run_dir / "metrics.json", self.summary)
+        write_json(self.run_dir / SUMMARY, self.summary)

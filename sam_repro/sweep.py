@@ -18,20 +18,18 @@ from typing import Any, Optional
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig
 
-from sam_repro.engine.checkpoint import write_json
+from sam_repro.errors import EXIT_BAD_INPUT
+from sam_repro.rundir import read_summary, write_json
 
 MANIFESTS = ".sweeps"  # below the sweep directory (runs_root): <stamp>/<job num>.json
-EXIT_BAD_INPUT = 2
 exit_code = 0  # of the last sweep in this process; sam-train exits with it (sam_repro.cli)
 
 
 def job_status(record: dict[str, Any]) -> tuple[str, str]:
     """(status, why) of one job: its metrics.json status, else what its record says."""
-    try:
-        summary = json.loads((Path(record["run_dir"]) / "metrics.json").read_text())
+    summary = read_summary(Path(record["run_dir"]))
+    if summary is not None:
         return summary.get("status", "unknown"), summary.get("error") or ""
-    except (OSError, ValueError):
-        pass
     if record.get("error"):
         return "failed", record["error"]
     if record.get("exit") == EXIT_BAD_INPUT:

@@ -17,7 +17,8 @@ from sam_repro.data import CUTOUT_PER, DATASETS, LOADERS, NOISE_KINDS, PAD_MODES
 from sam_repro.engine.distributed import planned_world_size
 from sam_repro.engine.runtime import PRECISIONS
 from sam_repro.engine.schedule import SCHEDULES
-from sam_repro.engine.step import BN_STATS, SHAKEDROP_MASKS
+from sam_repro.engine.passes import BN_STATS, SHAKEDROP_MASKS
+from sam_repro.errors import UserError
 from sam_repro.models import is_model, list_models
 from sam_repro.models.finetune import BOTH_WAYS
 from sam_repro.models.registry import timm_name
@@ -28,7 +29,7 @@ RESUME_MODES = ("auto", "never", "must")
 WANDB_MODES = (None, "online", "offline", "disabled")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """One or more invalid config values; str() is one line per problem."""
 
     def __init__(self, problems: list[str]) -> None:

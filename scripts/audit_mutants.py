@@ -26,8 +26,8 @@ MUTANTS = [
     ("grad_clip 0", "sam_repro/validate.py", "o.grad_clip is None or o.grad_clip > 0", "not o.grad_clip or o.grad_clip > 0", "tests/test_validate.py"),
     ("momentum 1", "sam_repro/validate.py", "0 <= o.momentum < 1", "0 <= o.momentum <= 1", "tests/test_validate.py"),
     ("epochs_done rows", "sam_repro/runlog.py", 'epochs_done=history[-1]["epoch"]', "epochs_done=len(history)", "tests/test_runlog.py"),
-    ("non-atomic ckpt", "sam_repro/engine/checkpoint.py", '    atomic_write(Path(run_dir) / CHECKPOINT, lambda f: torch.save(state, f))', '    torch.save(state, Path(run_dir) / CHECKPOINT)', "tests/test_checkpoint.py"),
-    ("non-atomic write", "sam_repro/engine/checkpoint.py", 'fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")', 'fd, tmp = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), str(path)', "tests/test_checkpoint.py"),
+    ("non-atomic ckpt", "sam_repro/rundir.py", '    tmp = _write_temporary(current, lambda f: torch.save(state, f), "wb")', '    torch.save(state, current)\n    return', "tests/test_checkpoint.py"),
+    ("non-atomic write", "sam_repro/rundir.py", 'fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")', 'fd, tmp = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), str(path)', "tests/test_checkpoint.py"),
     ("crop [0,2p)", "sam_repro/data/augment.py", "dy = randint(2 * p + 1,", "dy = randint(2 * p,", "tests/test_augment_draws.py"),
 ]
 

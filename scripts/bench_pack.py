@@ -2,7 +2,7 @@
 """Benchmark packed runs: a pack of n runs trained as one vectorized model against the same n runs
 trained alone one after another, SAM and SGD, side by side in ONE process.
 
-Each run is what `sam-train` builds for the configuration (the engine's Trainer: ResNet-32, Table 4's
+Each run is what `sam-train` builds for the configuration (the engine's Run: ResNet-32, Table 4's
 batch 256 in devices of 32, its optimizer, L2, clipping), on synthetic 32 px data so that no data
 is needed. Per (optimizer, n) it prints one JSON line: aggregate images/s of the pack and of the
 solo runs, and their ratio (pack / solo; > 1: packing is faster). Solo and pack steps alternate
@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_step import git_sha  # noqa: E402
 from sam_repro.config import config_dir, register_configs  # noqa: E402
-from sam_repro.engine.loop import Trainer  # noqa: E402
-from sam_repro.engine.pack import PackedStep  # noqa: E402
+from sam_repro.engine.grid import GridStep  # noqa: E402
+from sam_repro.engine.loop import Run  # noqa: E402
 
 
 def compose(overrides: list[str]):
@@ -63,11 +63,11 @@ def timed(fn: Callable[[], None], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def batches_of(trainer: Trainer, count: int, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    trainer.train_loader.set_epoch(1)
+def batches_of(run: Run, count: int, device: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    run.train_loader.set_epoch(1)
     out = []
-    for x, y in trainer.train_loader:
-        out.append((x.to(trainer.runtime.dtype), y))
+    for x, y in run.train_loader:
+        out.append((x.to(run.runtime.dtype), y))
         if len(out) == count:
             return out
     raise ValueError("the synthetic training set is too small for the steps asked")
@@ -78,16 +78,17 @@ def bench(args: argparse.Namespace, optim: str, n: int, device: torch.device, ro
     the same n runs as one pack, timed in alternation step by step, so that a noisy neighbour or
     clock drift hits both alike."""
     steps, warmup = args.steps, args.warmup
-    solo = [Trainer(cfg, root / f"{optim}{n}solo{i}") for i, cfg in enumerate(run_configs(args, optim, n))]
-    solo_data = [batches_of(t, warmup + steps, device) for t in solo]
-    trainers = [Trainer(cfg, root / f"{optim}{n}pack{i}") for i, cfg in enumerate(run_configs(args, optim, n))]
-    step = PackedStep(trainers, trainers[0].step.cfg)
-    per_run = [batches_of(t, warmup + steps, device) for t in trainers]
+    solo = [Run(cfg, root / f"{optim}{n}solo{i}") for i, cfg in enumerate(run_configs(args, optim, n))]
+    solo_steps = [run.solo_step() for run in solo]
+    solo_data = [batches_of(run, warmup + steps, device) for run in solo]
+    packed = [Run(cfg, root / f"{optim}{n}pack{i}") for i, cfg in enumerate(run_configs(args, optim, n))]
+    step = GridStep([run.member for run in packed], packed[0].step_config)
+    per_run = [batches_of(run, warmup + steps, device) for run in packed]
     stacked = [(torch.stack([b[j][0] for b in per_run]), torch.stack([b[j][1] for b in per_run]))
                for j in range(warmup + steps)]
     solo_s = pack_s = 0.0
     for j in range(warmup + steps):
-        t_solo = timed(lambda: [t.step(*data[j]) for t, data in zip(solo, solo_data)], device)
+        t_solo = timed(lambda: [s(*data[j]) for s, data in zip(solo_steps, solo_data)], device)
         t_pack = timed(lambda: step(*stacked[j]), device)
         if j >= warmup:
             solo_s, pack_s = solo_s + t_solo, pack_s + t_pack
@@ -101,7 +102,7 @@ def bench(args: argparse.Namespace, optim: str, n: int, device: torch.device, ro
             "pack_over_solo": round(solo_s / pack_s, 3), "peak_memory_gib": peak and round(peak, 2)}
 
 
-def profile(step: PackedStep, batch: tuple[torch.Tensor, torch.Tensor], device: torch.device, path: Path) -> None:
+def profile(step: GridStep, batch: tuple[torch.Tensor, torch.Tensor], device: torch.device, path: Path) -> None:
     """Where a packed step's time goes: the torch profiler's top operators, to `path`."""
     activities = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":

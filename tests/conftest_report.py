@@ -38,7 +38,7 @@ def write_run(root: Path, name: str, *, test_err: float | None = None, status: s
     }
     cfg.update(config)
     if cfg["optimizer"] == "sgd":
-        cfg.update(rho=None, p=None, adaptive=None, m=None, bn_stats=None)  # as runlog.flat_config logs SGD
+        cfg.update(rho=None, p=None, adaptive=None, m=None, bn_stats=None)  # as runlog.summary_config logs SGD
     if final is None and test_err is not None:
         final = {"test_err": test_err, "test_acc": round(100 - test_err, 6), "test_loss": 0.1,
                  "train_loss": 0.01, "train_err": 0.1}

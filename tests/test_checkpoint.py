@@ -1,4 +1,4 @@
-"""sam_repro.engine.checkpoint: a writer killed in the middle of a write never damages the old file.
+"""sam_repro.rundir: a writer killed in the middle of a write never damages the old file.
 
 Each test runs a child process that writes through the real function and kills itself with
 SIGKILL from inside the write (no signal handler, no cleanup, no `finally` runs: exactly a
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from sam_repro.engine.checkpoint import CHECKPOINT, atomic_write, load_checkpoint, save_checkpoint, write_json
+from sam_repro.rundir import CHECKPOINT, atomic_write, load_checkpoint, save_checkpoint, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -53,7 +53,7 @@ def test_a_checkpoint_writer_killed_during_torch_save_leaves_the_old_checkpoint(
     # through serializing a real training state (a large tensor is already in it) when it dies.
     child = run_child("""
         import os, signal, sys, torch
-        from sam_repro.engine.checkpoint import save_checkpoint
+        from sam_repro.rundir import save_checkpoint
 
         class KillMidWrite:
             def __reduce__(self):
@@ -78,7 +78,7 @@ def test_a_writer_killed_after_half_the_bytes_are_on_disk_leaves_the_old_file(tm
     child = run_child("""
         import io, os, signal, sys, torch
         from pathlib import Path
-        from sam_repro.engine.checkpoint import CHECKPOINT, atomic_write
+        from sam_repro.rundir import CHECKPOINT, atomic_write
 
         buf = io.BytesIO()
         torch.save({"epoch": 4, "model": {"w": torch.ones(1000)}}, buf)
@@ -105,7 +105,7 @@ def test_metrics_json_writer_killed_mid_write_leaves_the_previous_document(tmp_p
     child = run_child("""
         import os, signal, sys
         from pathlib import Path
-        from sam_repro.engine.checkpoint import atomic_write
+        from sam_repro.rundir import atomic_write
 
         def write(f):
             f.write('{"status": "compl')

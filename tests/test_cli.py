@@ -15,7 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
-from sam_repro.engine.loop import Trainer
+from sam_repro.engine.loop import Run
+from tests.helpers import train
 from tests.conftest import compose_config, sam_train
 
 pytestmark = pytest.mark.slow
@@ -125,18 +126,18 @@ def test_changed_config_in_an_existing_run_dir_is_refused(tmp_path: Path) -> Non
 
 def test_divergence_stops_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:
     cfg = compose_config([*TINY, "epochs=3"])
-    trainer = Trainer(cfg, tmp_path)
-    real_step, calls = trainer.step, []
+    run, calls = Run(cfg, tmp_path), []
 
-    def poisoned(x: torch.Tensor, y: torch.Tensor):
-        calls.append(1)
-        if len(calls) == trainer.steps_per_epoch + 2:  # in epoch 2
-            with torch.no_grad():
-                next(trainer.model.parameters()).fill_(float("nan"))
-        return real_step(x, y)
+    def poisoned(real_step):
+        def step(x: torch.Tensor, y: torch.Tensor):
+            calls.append(1)
+            if len(calls) == run.steps_per_epoch + 2:  # in epoch 2
+                with torch.no_grad():
+                    next(run.model.parameters()).fill_(float("nan"))
+            return real_step(x, y)
+        return step
 
-    trainer.step = poisoned
-    assert trainer.fit() == 1
+    assert train(run, poisoned) == 1
     summary = json.loads((tmp_path / "metrics.json").read_text())
     assert summary["status"] == "diverged" and "non-finite" in summary["error"] and summary["epochs_done"] == 1
     assert len(read_rows(tmp_path)) == 1
@@ -221,17 +222,16 @@ def test_evaluation_cadence_in_epochs_or_steps(tmp_path: Path, cadence: list[str
     """Rows (and checkpoints) come every eval_every epochs / eval_every_steps steps and at the end;
     a row's training loss covers every step since the previous row."""
     cfg = compose_config([*TINY, "epochs=5", *cadence])  # 4 steps per epoch
-    trainer = Trainer(cfg, tmp_path)
     losses: list[float] = []
-    real_step = trainer.step
 
-    def recording(x: torch.Tensor, y: torch.Tensor):
-        stats = real_step(x, y)
-        losses.append(float(stats.loss_sum) / stats.count)
-        return stats
+    def recording(real_step):
+        def step(x: torch.Tensor, y: torch.Tensor):
+            stats = real_step(x, y)
+            losses.append(float(stats.loss_sum) / stats.count)
+            return stats
+        return step
 
-    trainer.step = recording
-    assert trainer.fit() == 0
+    assert train(Run(cfg, tmp_path), recording) == 0
     got = read_rows(tmp_path)
     assert [r["epoch"] for r in got] == rows and len(losses) == 20
     assert got[0]["train_loss"] == pytest.approx(sum(losses[:8]) / 8, rel=1e-6)
@@ -239,17 +239,17 @@ def test_evaluation_cadence_in_epochs_or_steps(tmp_path: Path, cadence: list[str
 
 
 def test_interrupted_run_stays_resumable_not_failed(tmp_path: Path) -> None:
-    trainer = Trainer(compose_config([*TINY, "epochs=3"]), tmp_path)
-    real_step, calls = trainer.step, []
+    run, calls = Run(compose_config([*TINY, "epochs=3"]), tmp_path), []
 
-    def interrupted(x: torch.Tensor, y: torch.Tensor):
-        calls.append(1)
-        if len(calls) == trainer.steps_per_epoch + 1:
-            raise KeyboardInterrupt
-        return real_step(x, y)
+    def interrupted(real_step):
+        def step(x: torch.Tensor, y: torch.Tensor):
+            calls.append(1)
+            if len(calls) == run.steps_per_epoch + 1:
+                raise KeyboardInterrupt
+            return real_step(x, y)
+        return step
 
-    trainer.step = interrupted
     with pytest.raises(KeyboardInterrupt):
-        trainer.fit()
+        train(run, interrupted)
     summary = json.loads((tmp_path / "metrics.json").read_text())
-    assert summary["status"] == "running" and "interrupted" in summary["error"] and summary["epochs_done"] == 1
+    assert summary["status"] == "interrupted" and "interrupted (KeyboardInterrupt) after epoch 1" in summary["error"] and summary["epochs_done"] == 1

@@ -20,7 +20,8 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from sam_repro.engine.loop import Trainer
+from sam_repro.engine.loop import Run
+from tests.helpers import train
 from tests.conftest import compose_config, sam_train
 
 WORLD = 2
@@ -39,7 +40,7 @@ def free_port() -> int:
 
 def _rank_main(rank: int, port: int, overrides: list[str], out: str, resume: bool) -> None:
     """One rank: an uninterrupted run into out/straight, and (resume=True) a run stopped after epoch 1
-    and continued by a fresh Trainer into out/resumed; each rank saves its final model."""
+    and continued by a fresh Run into out/resumed; each rank saves its final model."""
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -47,14 +48,14 @@ def _rank_main(rank: int, port: int, overrides: list[str], out: str, resume: boo
 
     cfg = compose_config(overrides)
     try:
-        trainer = Trainer(cfg, Path(out) / "straight")
-        assert trainer.fit() == 0
-        torch.save(trainer.model.state_dict(), Path(out) / f"rank{rank}.pt")
+        run = Run(cfg, Path(out) / "straight")
+        assert train(run) == 0
+        torch.save(run.model.state_dict(), Path(out) / f"rank{rank}.pt")
         if resume:
-            stopped = Trainer(cfg, Path(out) / "resumed")
+            stopped = Run(cfg, Path(out) / "resumed")
             stopped.epochs = 1  # as if killed after the first epoch's checkpoint
-            assert stopped.fit() == 0
-            assert Trainer(cfg, Path(out) / "resumed").fit() == 0
+            assert train(stopped) == 0
+            assert train(Run(cfg, Path(out) / "resumed")) == 0
     finally:
         distributed.shutdown()
 
@@ -65,7 +66,7 @@ def run_ddp(tmp: Path, overrides: list[str], resume: bool = False) -> Path:
 
 
 def run_single(run_dir: Path, overrides: list[str]) -> dict:
-    assert Trainer(compose_config(overrides), run_dir).fit() == 0
+    assert train(Run(compose_config(overrides), run_dir)) == 0
     return torch.load(run_dir / "checkpoint.pt", weights_only=False)
 
 

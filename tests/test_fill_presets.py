@@ -14,7 +14,7 @@ def test_presets_named_by_fill_commands_produce_runs_that_fill_those_cells() -> 
 
     from sam_repro.report.paper import expected, fill_command
     from sam_repro.report.tables import differences, paper_cells
-    from sam_repro.runlog import flat_config
+    from sam_repro.runlog import summary_config
     from tests.conftest import REPO, compose_config
 
     checked = 0
@@ -25,7 +25,7 @@ def test_presets_named_by_fill_commands_produce_runs_that_fill_those_cells() -> 
         overrides = [o for o in re.findall(r"(\S+=\S+)", cmd) if not o.startswith("seed=")]
         assert (REPO / "configs/experiment" / f"{overrides[0].split('=')[1]}.yaml").is_file(), cmd
         cfg = compose_config(overrides)
-        setting = {**flat_config(cfg, "bf16"), "data.source": cfg.dataset.source}  # what the run would log
+        setting = {**summary_config(cfg, "bf16"), "data.source": cfg.dataset.source}  # what the run would log
         assert differences(setting, expected(cell)) == [], cmd
         checked += 1
     assert checked == 60 + 36 + 36 + 8 + 16

@@ -1,4 +1,4 @@
-"""Packed runs (sam_repro/engine/pack.py) against the same runs trained alone.
+"""Packed runs (sam_repro/engine/grid.py, trained by engine/loop.py) against the same runs trained alone.
 
 The reference is the solo engine (engine/loop.py), itself tested against literal k-device
 references (test_step.py, test_distributed.py). A pack must give each member exactly that run:
@@ -13,10 +13,11 @@ import pytest
 import torch
 from omegaconf import DictConfig
 
-from sam_repro.engine import pack as pack_module
-from sam_repro.engine.checkpoint import load_checkpoint
-from sam_repro.engine.loop import Trainer, fit
-from sam_repro.engine.pack import PackedStep, PackTrainer, fit_pack, pack_key, plan_packs
+from hydra_plugins.sam_repro_pack_launcher.plan import pack_key, plan_packs
+from sam_repro.engine import loop as loop_module
+from sam_repro.engine.grid import GridStep
+from sam_repro.engine.loop import Run, Trainer, fit, fit_pack, open_runs
+from sam_repro.rundir import load_checkpoint
 from tests.conftest import compose_config, sam_train
 
 TIMING = {"epoch_s", "images_per_s"}  # wall-clock figures: the only fields allowed to differ
@@ -110,13 +111,14 @@ def test_pack_in_float32_is_close_to_solo_runs(tmp_path: Path) -> None:
         assert worst_relative_gap(solo, packed, discrete=False) < 2e-2
         logits = []
         for run_dir in (solo, packed):
-            trainer = Trainer(cfg, tmp_path / "eval")
-            trainer.model.load_state_dict(load_checkpoint(run_dir)["model"])
-            trainer.model.eval()
+            run = Run(cfg, tmp_path / "eval")
+            run.model.load_state_dict(load_checkpoint(run_dir)["model"])
+            run.model.eval()
             with torch.no_grad():
-                batches = [(trainer.model(x), y) for x, y in trainer.test_loader]
+                batches = [(run.model(x), y) for x, y in run.eval_loaders["test"]]
             logits.append(torch.cat([out for out, _ in batches]))
             labels = torch.cat([y for _, y in batches])
+            run.close()
         a, b = logits
         top2 = a.topk(2, dim=1).values
         near_boundary = int(((top2[:, 0] - top2[:, 1]) <= 2 * (a - b).abs().max()).sum())
@@ -127,9 +129,9 @@ def test_pack_in_float32_is_close_to_solo_runs(tmp_path: Path) -> None:
 
 def test_first_packed_step_matches_each_solo_step_in_float32(tmp_path: Path) -> None:
     cfgs = configs("sam", "fp32")
-    solo = [Trainer(cfg, tmp_path / f"s{i}") for i, cfg in enumerate(cfgs)]
-    packed = [Trainer(cfg, tmp_path / f"p{i}") for i, cfg in enumerate(cfgs)]
-    step = PackedStep(packed, packed[0].step.cfg)
+    solo = [Run(cfg, tmp_path / f"s{i}") for i, cfg in enumerate(cfgs)]
+    packed = [Run(cfg, tmp_path / f"p{i}") for i, cfg in enumerate(cfgs)]
+    step = GridStep([run.member for run in packed], packed[0].step_config)
     batches = []
     for trainer in solo:
         trainer.train_loader.set_epoch(1)
@@ -138,7 +140,7 @@ def test_first_packed_step_matches_each_solo_step_in_float32(tmp_path: Path) -> 
     stats = step(torch.stack([b[0] for b in batches]), torch.stack([b[1] for b in batches]))
     for trainer, (x, y), member in zip(solo, batches, stats):
         trainer.lr(0)
-        alone = trainer.step(x, y)
+        alone = trainer.solo_step()(x, y)
         torch.testing.assert_close(member.loss_sum, alone.loss_sum, rtol=1e-5, atol=0)
         torch.testing.assert_close(member.grad_norm, alone.grad_norm, rtol=1e-5, atol=0)
     for a, b in zip(solo, packed):
@@ -151,7 +153,7 @@ def test_each_member_is_perturbed_with_its_own_norm(tmp_path: Path) -> None:
     another by 1e-3): each member's ||e|| per device is its own rho, and its logged gradient norm is
     its own, computed here by plain autograd per device group."""
     cfgs = configs("sam")
-    trainers = [Trainer(cfg, tmp_path / f"m{i}") for i, cfg in enumerate(cfgs)]
+    trainers = [Run(cfg, tmp_path / f"m{i}") for i, cfg in enumerate(cfgs)]
     with torch.no_grad():
         for trainer, scale in zip(trainers, (1.0, 1e3, 1e-3)):
             trainer.model.fc.weight.mul_(scale)
@@ -171,7 +173,7 @@ def test_each_member_is_perturbed_with_its_own_norm(tmp_path: Path) -> None:
         expected.append(torch.stack(norms).mean())
         _reset_bn(model)
     assert max(expected) > 100 * min(expected)
-    step = PackedStep(trainers, trainers[0].step.cfg)
+    step = GridStep([run.member for run in trainers], trainers[0].step_config)
     stats = step(x, y)
     for member, reference, cfg in zip(stats, expected, cfgs):
         assert float(member.perturbation_norm) == pytest.approx(cfg.optim.rho, rel=1e-9)
@@ -189,7 +191,7 @@ def test_killed_pack_resumes_every_member_to_the_uninterrupted_result(tmp_path: 
     cfgs = configs("sam", extra=("epochs=3",))
     fit_pack([(cfg, tmp_path / f"whole{i}") for i, cfg in enumerate(cfgs)])
     # killed before the third member's epoch-2 checkpoint: members 0 and 1 at epoch 2, member 2 at epoch 1
-    real_save = pack_module.save_checkpoint
+    real_save = loop_module.save_checkpoint
     saves = []
 
     def save_then_maybe_die(run_dir: Path, state: dict) -> None:
@@ -198,12 +200,12 @@ def test_killed_pack_resumes_every_member_to_the_uninterrupted_result(tmp_path: 
             raise SystemExit("killed")  # what a preemption signal handler raises
         real_save(run_dir, state)
 
-    monkeypatch.setattr(pack_module, "save_checkpoint", save_then_maybe_die)
+    monkeypatch.setattr(loop_module, "save_checkpoint", save_then_maybe_die)
     with pytest.raises(SystemExit):
         fit_pack([(cfg, tmp_path / f"cut{i}") for i, cfg in enumerate(cfgs)])
-    monkeypatch.setattr(pack_module, "save_checkpoint", real_save)
+    monkeypatch.setattr(loop_module, "save_checkpoint", real_save)
     assert [len(rows(tmp_path / f"cut{i}")) for i in range(3)] == [2, 2, 1]
-    assert json.loads((tmp_path / "cut2" / "metrics.json").read_text())["status"] == "running"
+    assert json.loads((tmp_path / "cut2" / "metrics.json").read_text())["status"] == "interrupted"
     # member 0 resumes ALONE (a member's checkpoint is a solo run's); 1 and 2 resume as a pack (two packs inside)
     assert fit(cfgs[0], tmp_path / "cut0") == 0
     assert fit_pack([(cfgs[i], tmp_path / f"cut{i}") for i in (1, 2)]) == [0, 0]
@@ -213,17 +215,17 @@ def test_killed_pack_resumes_every_member_to_the_uninterrupted_result(tmp_path: 
 
 def test_a_diverging_member_is_frozen_and_the_others_go_on(tmp_path: Path) -> None:
     cfgs = configs("sgd")
-    pack = PackTrainer([(cfgs[0], tmp_path / "a"), (cfgs[1], tmp_path / "bad"), (cfgs[2], tmp_path / "c")])
-    schedule = pack.trainers[1].lr
+    pack = Trainer(open_runs([(cfgs[0], tmp_path / "a"), (cfgs[1], tmp_path / "bad"), (cfgs[2], tmp_path / "c")]))
+    schedule = pack.runs[1].lr
 
     def nan_from_step_8(step: int) -> float:  # the middle member's weights become NaN in epoch 2 (6 steps each)
         lr = schedule(step)
         if step >= 8:
-            for group in pack.trainers[1].optimizer.param_groups:
+            for group in pack.runs[1].optimizer.param_groups:
                 group["lr"] = float("nan")
         return lr
 
-    pack.trainers[1].lr = nan_from_step_8
+    pack.runs[1].lr = nan_from_step_8
     assert pack.fit() == [0, 1, 0]
     bad = json.loads((tmp_path / "bad" / "metrics.json").read_text())
     assert bad["status"] == "diverged" and "non-finite training loss in epoch 2" in bad["error"]
@@ -335,3 +337,38 @@ def test_other_model_families_pack_like_their_solo_runs(tmp_path: Path, monkeypa
         if family == "pyramidnet_shakedrop":
             fit(cfg, tmp_path / f"solo{i}")
             assert worst_relative_gap(tmp_path / f"solo{i}", tmp_path / f"pack{i}") < 1e-5
+
+
+@pytest.mark.parametrize("optim", ["sam", "sgd"])
+def test_a_parameter_the_loss_never_reaches_packs_like_its_solo_runs(tmp_path: Path, monkeypatch, optim: str) -> None:
+    """vmap's gradient of such a parameter is zeros expanded with stride 0; the L2 term (in the loss)
+    is added to it in place, and decays it as the official code's L2 in the loss does."""
+    real = loop_module.create_model_from_config
+
+    def with_unused(cfg, num_classes: int, in_chans: int) -> torch.nn.Module:
+        model = real(cfg, num_classes=num_classes, in_chans=in_chans)
+        model.register_parameter("unused", torch.nn.Parameter(torch.ones(3)))
+        return model
+
+    monkeypatch.setattr(loop_module, "create_model_from_config", with_unused)
+    cfgs = configs(optim)[:2]
+    for i, cfg in enumerate(cfgs):
+        assert fit(cfg, tmp_path / f"solo{i}") == 0
+    assert fit_pack([(cfg, tmp_path / f"pack{i}") for i, cfg in enumerate(cfgs)]) == [0, 0]
+    for i, cfg in enumerate(cfgs):
+        assert worst_relative_gap(tmp_path / f"solo{i}", tmp_path / f"pack{i}") < 1e-9
+        solo, packed = (load_checkpoint(tmp_path / f"{kind}{i}")["model"]["unused"] for kind in ("solo", "pack"))
+        torch.testing.assert_close(packed, solo, rtol=1e-12, atol=0)
+        assert float(solo.max()) < 1.0  # decayed: L2 in the loss reaches it
+
+
+def test_a_pack_in_channels_last_equals_its_solo_runs_and_keeps_the_members_layout(tmp_path: Path) -> None:
+    cfgs = configs("sam", extra=("engine.channels_last=true",))[:2]
+    for i, cfg in enumerate(cfgs):
+        assert fit(cfg, tmp_path / f"solo{i}") == 0
+    runs = open_runs([(cfg, tmp_path / f"pack{i}") for i, cfg in enumerate(cfgs)])
+    assert Trainer(runs).fit() == [0, 0]
+    for i, run in enumerate(runs):
+        assert worst_relative_gap(tmp_path / f"solo{i}", tmp_path / f"pack{i}") < 1e-9
+        convs = [p for p in run.model.parameters() if p.dim() == 4]
+        assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)

@@ -12,7 +12,7 @@ from torch import nn
 from sam_repro.models import ShakeDrop, create_model
 from sam_repro.report import paper
 from sam_repro.report.tables import differences
-from sam_repro.runlog import flat_config
+from sam_repro.runlog import summary_config
 from sam_repro.validate import ConfigError, validate
 from tests.conftest import compose_config
 
@@ -28,15 +28,15 @@ def test_from_scratch_presets_use_the_official_8_devices_of_32(preset: str, opti
     cfg = compose_config([f"experiment={preset}", f"optim={optim}"])
     validate(cfg)
     assert cfg.batch_size == 256 and cfg.device_batch == 32 and cfg.optim.m is None
-    flat = flat_config(cfg, "bf16")
+    flat = summary_config(cfg, "bf16")
     assert flat["device_batch"] == 32 and flat["devices"] == 1
     assert flat["m"] == (32 if optim == "sam" else None)
 
 
 def test_device_batch_null_is_one_device_per_process() -> None:
-    flat = flat_config(compose_config(["experiment=t1_cifar10_wrn28_10_200ep", "device_batch=null"]), "bf16")
+    flat = summary_config(compose_config(["experiment=t1_cifar10_wrn28_10_200ep", "device_batch=null"]), "bf16")
     assert flat["device_batch"] == 256 and flat["m"] == 256
-    flat = flat_config(compose_config(["experiment=smoke", "optim.sync_perturbation=true"]), "fp32", world_size=2)
+    flat = summary_config(compose_config(["experiment=smoke", "optim.sync_perturbation=true"]), "fp32", world_size=2)
     assert flat["device_batch"] == 64 and flat["m"] is None  # one synchronized e for the whole batch
 
 
@@ -72,10 +72,10 @@ def test_the_report_holds_the_per_device_batch_to_the_paper() -> None:
     t1_sam = paper.expected(rows[(rows.table == 1) & (rows.method == "sam") & (rows.dataset == "cifar10")
                                  & (rows.model == "wrn28_10")].iloc[0])
     assert t1_sam.device_batch == 32 and t1_sam.m == 32
-    setting = flat_config(compose_config(["experiment=t1_cifar10_wrn28_10_200ep", "optim=sam"]), "bf16")
+    setting = summary_config(compose_config(["experiment=t1_cifar10_wrn28_10_200ep", "optim=sam"]), "bf16")
     setting["data.source"] = "torchvision"
     assert differences(setting, t1_sam) == []
-    one_device = flat_config(compose_config(["experiment=t1_cifar10_wrn28_10_200ep", "device_batch=null"]), "bf16")
+    one_device = summary_config(compose_config(["experiment=t1_cifar10_wrn28_10_200ep", "device_batch=null"]), "bf16")
     one_device["data.source"] = "torchvision"
     assert differences(one_device, t1_sam) == ["device_batch 256 (paper 32: BatchNorm per device)", "m 256 (paper 32)"]
     t2 = paper.expected(rows[rows.table == 2].iloc[0])

@@ -1,7 +1,7 @@
 """Which runs may fill a paper cell, key by key; and which final errors count as a completed run.
 
 A run fills a paper cell only when it ran the paper's setting. Every key of the logged setting
-(runlog.flat_config, minus the seed, plus data.source) is listed below as either one that must
+(runlog.summary_config, minus the seed, plus data.source) is listed below as either one that must
 match the cell, or one that is deliberately free (how the run was executed, or a hyperparameter
 the paper's recipe sets but the report does not police). A key added to the run directory
 without a decision here fails `test_every_logged_key_is_either_checked_or_deliberately_free`.
@@ -65,14 +65,14 @@ def filled(setting: dict[str, Any], cells) -> list[tuple[int, str]]:
 
 
 def test_every_logged_key_is_either_checked_or_deliberately_free() -> None:
-    from sam_repro.runlog import flat_config  # noqa: F401  (the source of the keys)
+    from sam_repro.runlog import summary_config  # noqa: F401  (the source of the keys)
     logged = set(BASE) | {"seed"}
     assert set(MUST_MATCH) | set(FREE) == logged - {"seed"}
     assert not set(MUST_MATCH) & set(FREE)
-    # and BASE is what runlog.flat_config writes (a SAM run), plus data.source from the data block
+    # and BASE is what runlog.summary_config writes (a SAM run), plus data.source from the data block
     import inspect
     import sam_repro.runlog as runlog
-    source = inspect.getsource(runlog.flat_config)
+    source = inspect.getsource(runlog.summary_config)
     for key in logged - {"data.source"}:
         assert f'"{key}":' in source, key
 
@@ -89,7 +89,7 @@ def test_a_run_departing_in_one_checked_key_does_not_fill_the_cell(key: str, cel
     base = NOISY if key == "noise_kind" else BASE
     own = match_setting(base, cells).cells
     setting = {**base, key: MUST_MATCH[key]}
-    if key == "optimizer":  # an SGD run logs no SAM fields (runlog.flat_config)
+    if key == "optimizer":  # an SGD run logs no SAM fields (runlog.summary_config)
         setting.update(rho=None, p=None, adaptive=None, m=None, bn_stats=None)
     match = match_setting(setting, cells)
     assert len(own) == 1 and own[0] not in match.cells, key

@@ -19,7 +19,7 @@ import torch
 from omegaconf import OmegaConf
 
 from sam_repro import runlog
-from sam_repro.runlog import RunLog, cpu_name, environment, flat_config, git_state, summary_block
+from sam_repro.runlog import RunLog, cpu_name, environment, summary_config, git_state, summary_block
 from tests.conftest import compose_config
 
 
@@ -163,10 +163,10 @@ def test_flat_config_is_the_documented_block(overrides: list[str], world: int) -
         "wd_mode": o.wd_mode, "bn_stats": o.bn_stats if sam else None, "label_smoothing": o.label_smoothing,
         "grad_clip": o.grad_clip, "val_fraction": cfg.dataset.val_fraction, "train_steps": cfg.train_steps,
     }
-    got = flat_config(cfg, "bf16", world)
+    got = summary_config(cfg, "bf16", world)
     assert got == want
     if world == 1:
-        assert flat_config(cfg, "bf16") == want  # one process unless told otherwise
+        assert summary_config(cfg, "bf16") == want  # one process unless told otherwise
     assert type(got["device_batch"]) is int  # metrics.json says 64, not 64.0
     json.dumps(got, allow_nan=False)  # what metrics.json can hold: p = inf is the string "inf"
 

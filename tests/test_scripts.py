@@ -11,7 +11,7 @@ import pytest
 
 from sam_repro.report.paper import expected
 from sam_repro.report.tables import differences, paper_cells
-from sam_repro.runlog import flat_config
+from sam_repro.runlog import summary_config
 from sam_repro.validate import validate
 from tests.conftest import REPO, compose_config
 
@@ -47,7 +47,7 @@ def test_table_script_fills_every_cell_in_the_papers_setting(table: int) -> None
         for overrides in expand(args):
             cfg = compose_config(overrides)
             validate(cfg)
-            setting = {**flat_config(cfg, "bf16"), "data.source": cfg.dataset.source}
+            setting = {**summary_config(cfg, "bf16"), "data.source": cfg.dataset.source}
             hits = [c for _, c in cells.iterrows() if c["method"] == cfg.optim.name and not differences(setting, expected(c))]
             assert hits, f"{overrides} fills no cell of Table {table}"
             filled |= {(c["dataset"], c["model"], c["augment"], c["label_noise"], c["method"], c["metric"]) for c in hits}

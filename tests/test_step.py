@@ -13,6 +13,7 @@ from torch import nn
 from sam_repro.config import OptimConfig
 from sam_repro.engine.step import StepConfig, TrainStep
 from sam_repro.models import ShakeShake, set_true_gradient
+from sam_repro.models.stochastic import StochasticLayer
 from sam_repro.optim.factory import build_optimizer
 
 LR, WD, RHO = 0.1, 5e-3, 0.3
@@ -269,9 +270,10 @@ def test_gradient_buffers_are_kept_across_steps() -> None:
     x, y = data(8)
     for kw in ({}, {"device_batch": 4}):
         step = engine_step(make(), optim_cfg("sam"), x, y, steps=1, **kw)
-        ptrs = [p.grad.data_ptr() for p in step.params]
+        params = [p for g in step.member.optimizer.param_groups for p in g["params"]]
+        ptrs = [p.grad.data_ptr() for p in params]
         step(x, y)
-        assert ptrs == [p.grad.data_ptr() for p in step.params]
+        assert ptrs == [p.grad.data_ptr() for p in params]
 
 
 def test_grad_clip_applies_to_the_applied_gradient() -> None:
@@ -308,19 +310,21 @@ def test_both_passes_see_the_same_dropout_mask() -> None:
     assert_same(sam_net, sgd_net, buffers=False)
 
 
-class RecordingStep(TrainStep):
-    """Records the gradient SAM's first_step perturbs with."""
+def record_first_step(sam, params: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """The gradients SAM's first_step perturbs with, one list per call."""
+    recorded: list[list[torch.Tensor]] = []
+    original = sam.first_step
 
-    def __init__(self, *args, **kw) -> None:
-        super().__init__(*args, **kw)
-        self.first_grads: list[torch.Tensor] = []
-        original = self.sam.first_step
+    def first_step(zero_grad: bool = False) -> None:
+        recorded.append([p.grad.clone() for p in params])
+        original(zero_grad=zero_grad)
 
-        def first_step(zero_grad: bool = False) -> None:
-            self.first_grads = [p.grad.clone() for p in self.params]
-            original(zero_grad=zero_grad)
+    sam.first_step = first_step  # type: ignore[method-assign]
+    return recorded
 
-        self.sam.first_step = first_step  # type: ignore[method-assign]
+
+def stochastic_layers(net: nn.Module) -> list[nn.Module]:
+    return [m for m in net.modules() if isinstance(m, StochasticLayer)]
 
 
 @pytest.mark.parametrize("true_gradient", [True, False])
@@ -329,7 +333,8 @@ def test_first_pass_uses_the_true_gradient_of_shake_layers(true_gradient: bool) 
     net = make(shake=True)
     ocfg = optim_cfg("sam", true_gradient=true_gradient)
     opt, sam = build_optimizer(net, ocfg)
-    step = RecordingStep(net, opt, sam, StepConfig(true_gradient=true_gradient))
+    recorded = record_first_step(sam, list(net.parameters()))
+    step = TrainStep(net, opt, sam, StepConfig(true_gradient=true_gradient))
     reference = make(shake=True)
     net.train()
     reference.train()
@@ -338,13 +343,14 @@ def test_first_pass_uses_the_true_gradient_of_shake_layers(true_gradient: bool) 
     torch.manual_seed(7)  # same draws as the engine's first pass
     set_true_gradient(reference, true_gradient)
     expected = grads_of(reference, x, y, WD)
-    for got, want in zip(step.first_grads, expected):
+    (first_grads,) = recorded
+    for got, want in zip(first_grads, expected):
         torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-12)
     torch.manual_seed(7)
     set_true_gradient(reference, not true_gradient)
     other = grads_of(reference, x, y, WD)
-    assert any(not torch.allclose(g, o) for g, o in zip(step.first_grads, other))
-    assert all(layer.true_gradient is False for layer in step._stochastic), "the second pass is a normal pass"
+    assert any(not torch.allclose(g, o) for g, o in zip(first_grads, other))
+    assert all(layer.true_gradient is False for layer in stochastic_layers(net)), "the second pass is a normal pass"
 
 
 def test_stats_come_from_the_applied_pass() -> None:
@@ -467,9 +473,9 @@ def test_after_a_step_every_stochastic_layer_is_back_in_a_normal_pass(device_bat
     next step's first pass) must be a plain one."""
     x, y = data()
     net = make(shake=True)
-    step = engine_step(net, optim_cfg("sam", true_gradient=True), x, y, device_batch=device_batch)
-    assert step._stochastic and all(layer.true_gradient is False and layer.perturbed_pass is False
-                                    for layer in step._stochastic)
+    engine_step(net, optim_cfg("sam", true_gradient=True), x, y, device_batch=device_batch)
+    layers = stochastic_layers(net)
+    assert layers and all(layer.true_gradient is False and layer.perturbed_pass is False for layer in layers)
 
 
 def test_true_gradient_acts_on_the_per_device_path() -> None:

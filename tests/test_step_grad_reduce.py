@@ -48,7 +48,8 @@ def test_grad_reduce_gets_every_gradient_once_per_step_and_the_update_uses_what_
     model, grads = one_step(name, halve)
     ref_model, ref_grads = one_step(name)
     assert len(calls) == 1 and len(calls[0]) == len(grads)
-    assert all(a is p.grad for a, p in zip(calls[0], model.parameters()))  # the gradients, in the optimizer's order
+    # the gradients themselves (views of each, with a leading member axis of one), in the optimizer's order
+    assert all(a.data_ptr() == p.grad.data_ptr() and a.shape == (1, *p.grad.shape) for a, p in zip(calls[0], model.parameters()))
     for g, ref in zip(grads, ref_grads):
         torch.testing.assert_close(g, ref * 0.5, rtol=1e-12, atol=1e-15)
     # the update used the halved gradients: one SGD step with momentum from zero moves each weight

@@ -1,5 +1,5 @@
 """`hydra/launcher=pack`: a sweep's jobs that agree on everything that fixes tensor shapes and the
-step are trained together, up to `size` at a time, as one vectorized model (sam_repro/engine/pack.py).
+step are trained together, up to `size` at a time, as one vectorized model (sam_repro/engine/grid.py).
 
     sam-train -m hydra/launcher=pack experiment=t4_cifar10_resnet32_noise20,t4_cifar10_resnet32_noise40 optim=sam,sgd seed=0,1
 
@@ -11,9 +11,7 @@ A job that cannot join a pack runs alone through the normal task, after one log 
 from __future__ import annotations
 
 import copy
-import json
 import logging
-import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -49,7 +47,7 @@ class PackLauncher(Launcher):
         self.config, self.hydra_context, self.task_function = config, hydra_context, task_function
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from sam_repro.engine.pack import plan_packs
+        from hydra_plugins.sam_repro_pack_launcher.plan import plan_packs
         from sam_repro.validate import ConfigError, validate
 
         setup_globals()
@@ -94,7 +92,8 @@ class PackLauncher(Launcher):
     def _run_pack(self, sweep_configs: list[DictConfig]) -> list[JobReturn]:
         """Hydra's job set-up for every member (run directory, .hydra/, the callbacks' job start), then
         one pack trains them; each JobReturn then carries its member's exit code."""
-        from sam_repro.engine.pack import fit_pack
+        from sam_repro.engine.loop import fit_pack
+        from sam_repro.errors import print_error, sigterm_interrupts
 
         assert self.hydra_context is not None
         prepared: list[tuple[DictConfig, Path]] = []
@@ -114,11 +113,12 @@ class PackLauncher(Launcher):
             handler.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
             log.addHandler(handler)
         try:
-            codes = fit_pack([prepared[j] for j in to_train]) if to_train else []
+            with sigterm_interrupts():
+                codes = fit_pack([prepared[j] for j in to_train]) if to_train else []
             for j, code in zip(to_train, codes):
                 returns[j].return_value = code
         except Exception as err:  # bad data, or a crash: every member that was training says so
-            _report(err)
+            print_error("sam-train", err)
             for j in to_train:
                 returns[j].status, returns[j]._return_value = JobStatus.FAILED, err
         finally:
@@ -131,12 +131,6 @@ class PackLauncher(Launcher):
 
 
 def _completed(run_dir: Path) -> bool:
-    try:
-        return json.loads((run_dir / "metrics.json").read_text()).get("status") == "completed"
-    except (OSError, ValueError):
-        return False
+    from sam_repro.rundir import read_summary
 
-
-def _report(err: BaseException) -> None:
-    for line in str(err).splitlines() or [type(err).__name__]:
-        print(f"sam-train: error: {line}", file=sys.stderr)
+    return (read_summary(run_dir) or {}).get("status") == "completed"

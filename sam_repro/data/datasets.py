@@ -21,8 +21,10 @@ from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from sam_repro.errors import UserError
 
-class DataError(Exception):
+
+class DataError(UserError):
     """A problem with the data that the user must fix; the message is one actionable line."""
 
 

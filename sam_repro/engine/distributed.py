@@ -3,10 +3,10 @@
     torchrun --nproc_per_node=8 $(which sam-train) experiment=t2_imagenet_resnet50_100ep
     sam-train engine.ddp=true experiment=t2_imagenet_resnet50_100ep     # the same, over every visible GPU
 
-Semantics (the official code's; DESIGN.md):
+Semantics (the official code's; docs/semantics.md):
 - Per-replica perturbation (default): each replica computes e(w) from its own gradient, so m = the
   per-replica batch. The first forward AND backward run under DDP's `no_sync` (no all-reduce; the
-  TrainStep's `first_pass_context`); the gradient at w + e is all-reduced (averaged) by the second
+  eager step's `first_pass_context`); the gradient at w + e is all-reduced (averaged) by the second
   backward. `optim.sync_perturbation=true` all-reduces the first pass too (one e for the whole batch).
 - Per-replica BatchNorm: DDP does not broadcast buffers (`broadcast_buffers=False`), so each replica
   normalizes and keeps statistics over its own batch; the running statistics are averaged over the
@@ -30,13 +30,14 @@ import torch.distributed as dist
 from torch import nn
 
 from sam_repro.engine.runtime import Runtime
-from sam_repro.engine.step import batchnorm_layers
+from sam_repro.engine.passes import batchnorm_layers
+from sam_repro.errors import UserError
 
 log = logging.getLogger("sam_repro")
 BACKENDS = {"cuda": "nccl", "cpu": "gloo"}  # device type -> process-group backend
 
 
-class LaunchError(Exception):
+class LaunchError(UserError):
     """engine.ddp cannot start (one line, for the CLI)."""
 
 
@@ -95,6 +96,12 @@ def average_gradients(grads: list[torch.Tensor]) -> None:
     flat /= dist.get_world_size()
     for g, part in zip(grads, flat.split([g.numel() for g in grads])):
         g.copy_(part.view_as(g))
+
+
+def barrier() -> None:
+    """Wait until every rank gets here (no-op in a single process)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
 
 
 def summed(t: torch.Tensor) -> torch.Tensor:

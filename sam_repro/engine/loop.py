@@ -1,10 +1,19 @@
-"""fit(): config -> (data, model, optimizer) -> epochs of TrainStep + evaluation -> run directory.
+"""ONE epoch loop over a list of runs: a solo run is a list of one, a pack (hydra/launcher=pack) several.
 
-Reliability: the run directory is written atomically; a checkpoint at every evaluation (every
-epoch by default) lets `resume=auto` continue a killed run; each epoch's random draws (data order, augmentation,
-dropout/ShakeDrop) are a pure function of (seed, epoch), so a resumed run ends exactly where an
-uninterrupted one does. A non-finite training loss stops the run with status `diverged`,
-keeping the last good checkpoint.
+    fit(cfg, run_dir)                    # one run: config -> data, model, optimizer -> epochs -> run directory
+    fit_pack([(cfg, run_dir), ...])      # several runs of one shape trained together (engine/grid.py)
+
+A `Run` is everything of one run but the step: its config, locked run directory, data, model,
+optimizer, schedule, checkpoint and log. The `Trainer` resumes every run, trains the runs that are
+at the same point together (one step for all of them), evaluates them, and writes each run's
+checkpoint and log rows.
+
+Reliability: every file is written atomically (sam_repro/rundir.py), with a checkpoint at every
+evaluation (every epoch by default) that `resume=auto` continues from; each epoch's random draws
+(data order, augmentation, dropout/ShakeDrop) are a pure function of (seed, epoch), so a resumed run
+ends exactly where an uninterrupted one does. A run whose training loss becomes non-finite stops
+with status `diverged`, keeping its last good checkpoint (in a pack: it is frozen, the others go on).
+Ctrl-C, SIGTERM (errors.sigterm_interrupts) and a preemption record status `interrupted`.
 """
 from __future__ import annotations
 
@@ -12,43 +21,42 @@ import contextlib
 import logging
 import math
 import time
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from tqdm import tqdm
 
-from sam_repro.data import DataBundle, fit_to_model, load_data, make_eval_loader, make_train_loader
+from sam_repro.config import RESUME_FREE, flatten, has_role
+from sam_repro.data import fit_to_model, load_data, make_eval_loader, make_train_loader
 from sam_repro.engine import distributed
-from sam_repro.engine.checkpoint import load_checkpoint, save_checkpoint
+from sam_repro.engine.grid import GridStep
 from sam_repro.engine.runtime import Runtime, resolve_runtime, seed_everything, set_determinism
 from sam_repro.engine.schedule import LrSetter
-from sam_repro.engine.step import StepConfig, StepStats, TrainStep
+from sam_repro.engine.passes import Member, StepConfig, StepStats, to_layout
+from sam_repro.engine.step import TrainStep
+from sam_repro.errors import EXIT_FAILED, EXIT_OK, Terminated, UserError
 from sam_repro.models import create_model_from_config, pretrained_input
 from sam_repro.optim.factory import build_optimizer
-from sam_repro.runlog import RunLog, environment, flat_config
+from sam_repro.rundir import DiskFull, RunDirLock, load_checkpoint, save_checkpoint
+from sam_repro.runlog import RunLog, environment, summary_config
 from sam_repro.trackers import Trackers
 
 log = logging.getLogger("sam_repro")
 
 LOG_EVERY = 50  # steps between progress updates: the only host syncs of the training loop
-EXIT_OK, EXIT_DIVERGED, EXIT_FAILED = 0, 1, 1
-# Keys that may change between a killed run and its resumption: where things are, not what they
-# are (the data fingerprint guards the data itself), and how progress is shown.
-RESUME_FREE_KEYS = ("resume", "runs_root", "data_root", "dataset.root", "dataset.cache_dir", "dataset.download",
-                    "dataset.decode_workers", "model.checkpoint", "engine.progress", "engine.num_workers",
-                    "engine.eval_batch_size", "logger")
+EXIT_DIVERGED = EXIT_FAILED
 
 
-class Diverged(Exception):
-    """The training loss became NaN or inf."""
+class RunDirError(UserError):
+    """The run directory holds something this run cannot continue."""
 
 
-class RunDirError(Exception):
-    """The run directory holds something this run cannot continue (one line, for the CLI)."""
+INTERRUPTIONS = (KeyboardInterrupt, SystemExit, Terminated)  # resumable: Ctrl-C, a preemption (submitit), SIGTERM
 
 
 @dataclass
@@ -63,13 +71,12 @@ class Progress:
 
 
 class Period:
-    """Training sums since the last evaluation (on the device: read once, at the evaluation)."""
+    """One run's training sums since its last evaluation (on the device: read once, at the evaluation)."""
 
     def __init__(self, device: torch.device) -> None:
         self.loss_sum = torch.zeros((), device=device, dtype=torch.float64)
         self.correct = torch.zeros((), device=device, dtype=torch.long)
-        self.seen, self.steps, self.epochs, self.train_s, self.lr = 0, 0, 0, 0.0, 0.0
-        self.eval_s = 0.0  # evaluation time spent before `_evaluate` (a pack evaluates its members at once)
+        self.seen, self.steps, self.epochs, self.train_s, self.eval_s, self.lr = 0, 0, 0, 0.0, 0.0, 0.0
         # SAM: sums of the per-step gradient norm at w and perturbation norm ||e|| (steps that had them)
         self.grad_norm_sum = torch.zeros((), device=device, dtype=torch.float64)
         self.e_norm_sum = torch.zeros((), device=device, dtype=torch.float64)
@@ -92,16 +99,6 @@ def epoch_seed(seed: int, epoch: int) -> int:
     return seed * 1_000_003 + epoch
 
 
-def build_model(cfg: DictConfig, bundle: DataBundle, runtime: Runtime) -> nn.Module:
-    """The model on its device, in channels_last where that is the fast layout (a pretrained backbone
-    with a new head when finetuning)."""
-    model = create_model_from_config(cfg.model, num_classes=bundle.num_classes, in_chans=bundle.in_chans)
-    model = model.to(runtime.device, runtime.dtype)
-    if runtime.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return model
-
-
 def set_train_mode(model: nn.Module, freeze_bn: bool) -> None:
     """Train mode; with freeze_bn (finetuning, as in the paper) BatchNorm stays in eval mode."""
     model.train()
@@ -112,95 +109,99 @@ def set_train_mode(model: nn.Module, freeze_bn: bool) -> None:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Iterable, runtime: Runtime, top5: bool) -> dict[str, float]:
-    """Mean cross-entropy, error % and top-5 error % over a whole split (one host sync)."""
-    model.eval()
+def evaluate(forward: Callable[[torch.Tensor], torch.Tensor], loader: Iterable, runtime: Runtime, members: int,
+             top5: bool) -> list[dict[str, float]]:
+    """Each member's mean cross-entropy, error % and top-5 error % over a whole split, from
+    `forward(x)`: the members' logits (P, n, C). One host sync (and one all-reduce under DDP)."""
     device = runtime.device
-    loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-    wrong = torch.zeros((), device=device, dtype=torch.long)
-    wrong5 = torch.zeros((), device=device, dtype=torch.long)
+    loss_sum = torch.zeros(members, device=device, dtype=torch.float64)
+    wrong = torch.zeros(members, device=device, dtype=torch.long)
+    wrong5 = torch.zeros(members, device=device, dtype=torch.long)
     count = 0
     for x, y in loader:
-        x = x.to(runtime.dtype) if x.is_floating_point() else x
-        if runtime.channels_last and x.ndim == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(device.type, dtype=runtime.autocast_dtype or torch.float32,
-                            enabled=runtime.autocast_dtype is not None):
-            logits = model(x)
-            logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 at least (fp64 stays)
-        loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum").double()
-        wrong += (logits.argmax(dim=1) != y).sum()
+        logits = forward(x.to(runtime.dtype) if x.is_floating_point() else x)
+        logits = logits.to(torch.promote_types(logits.dtype, torch.float32))  # fp32 at least (fp64 stays)
+        ce = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.repeat(members), reduction="none")
+        loss_sum += ce.view(members, -1).sum(dim=1).double()
+        wrong += (logits.argmax(dim=-1) != y).sum(dim=1)
         if top5:
-            wrong5 += (~(logits.topk(5, dim=1).indices == y[:, None]).any(dim=1)).sum()
+            wrong5 += (~(logits.topk(5, dim=-1).indices == y[None, :, None]).any(dim=-1)).sum(dim=1)
         count += y.shape[0]
-    totals = torch.stack([loss_sum, wrong.double(), wrong5.double()])
+    totals = torch.stack([loss_sum, wrong.double(), wrong5.double(),
+                          torch.full_like(loss_sum, float(count))])
     if runtime.distributed:
         torch.distributed.all_reduce(totals)
-        count_t = torch.tensor(count, device=device)
-        torch.distributed.all_reduce(count_t)
-        count = int(count_t)
-    loss, wrong_n, wrong5_n = totals.tolist()
-    out = {"loss": loss / count, "err": 100.0 * wrong_n / count}
-    if top5:
-        out["top5_err"] = 100.0 * wrong5_n / count
+    out = []
+    for loss, w, w5, n in totals.T.tolist():
+        row = {"loss": loss / n, "err": 100.0 * w / n}
+        if top5:
+            row["top5_err"] = 100.0 * w5 / n
+        out.append(row)
     return out
 
 
-class Trainer:
-    """Holds everything a run needs; `fit()` runs the epochs."""
+def check_same_config(saved: dict[str, Any], current: dict[str, Any], run_dir: Path) -> None:
+    """A checkpoint continues only the run it came from: refuse a changed config."""
+    a, b = flatten(saved), flatten(current)
+    changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and not has_role(k, RESUME_FREE))
+    if changed:
+        detail = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in changed[:5])
+        raise RunDirError(f"{run_dir} holds a run with another config ({detail}); "
+                          f"use another hydra.run.dir, or resume=never to start it over")
+
+
+class Run:
+    """One run: everything but the step. Holds its run directory's lock (the main process) until closed."""
 
     def __init__(self, cfg: DictConfig, run_dir: Path, data_cache: Optional[dict] = None) -> None:
-        """`data_cache`: shared by the members of a pack (engine/pack.py), which read their source once."""
+        """`data_cache`: shared by the runs of a pack, which read their source once."""
         self.cfg, self.run_dir = cfg, Path(run_dir)
-        self.runtime = resolve_runtime(cfg.engine)
-        rt = self.runtime
+        self.runtime = rt = resolve_runtime(cfg.engine)
         distributed.init(rt)
+        self.lock = RunDirLock(self.run_dir).acquire(cfg.wait_for_lock) if rt.is_main else None
+        try:
+            self._build(data_cache)
+        except BaseException:
+            self.close()
+            raise
+
+    def _build(self, data_cache: Optional[dict]) -> None:
+        cfg, rt = self.cfg, self.runtime
         set_determinism(cfg.engine.deterministic, rt.device.type == "cuda")
         seed_everything(cfg.seed)
-        self.bundle = load_data(cfg.dataset, cache=data_cache)
-        self.model = build_model(cfg, self.bundle, rt)
+        bundle = load_data(cfg.dataset, cache=data_cache)
+        self.model = create_model_from_config(cfg.model, num_classes=bundle.num_classes, in_chans=bundle.in_chans)
+        self.model = self.model.to(rt.device, rt.dtype)
+        if rt.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
         # finetuning: the pretrained model's input size and normalization replace the dataset's
-        self.bundle = fit_to_model(self.bundle, pretrained_input(self.model, cfg.model), cfg.dataset.input_size)
+        self.bundle = bundle = fit_to_model(bundle, pretrained_input(self.model, cfg.model), cfg.dataset.input_size)
         self.optimizer, self.sam = build_optimizer(self.model, cfg.optim)
-        per_device_batch = cfg.batch_size // rt.world_size
-        kind = cfg.engine.loader if cfg.engine.loader != "auto" else self.bundle.auto_loader
-        workers = cfg.engine.num_workers
-        self.train_loader = make_train_loader(self.bundle.train, self.bundle, cfg.augment, per_device_batch, rt.device,
-                                              seed=cfg.seed, kind=kind, num_workers=workers,
+        kind = cfg.engine.loader if cfg.engine.loader != "auto" else bundle.auto_loader
+        workers, eval_batch = cfg.engine.num_workers, cfg.engine.eval_batch_size
+        self.train_loader = make_train_loader(bundle.train, bundle, cfg.augment, cfg.batch_size // rt.world_size,
+                                              rt.device, seed=cfg.seed, kind=kind, num_workers=workers,
                                               rank=rt.rank, world_size=rt.world_size)
-        eval_batch = cfg.engine.eval_batch_size
-        self.test_loader = make_eval_loader(self.bundle.test, self.bundle, eval_batch, rt.device, rt.rank, rt.world_size,
-                                            num_workers=workers)
-        self.val_loader = (make_eval_loader(self.bundle.val, self.bundle, eval_batch, rt.device, rt.rank, rt.world_size,
-                                            num_workers=workers)
-                           if self.bundle.val is not None else None)
+        self.eval_loaders = {split: make_eval_loader(data, bundle, eval_batch, rt.device, rt.rank, rt.world_size,
+                                                     num_workers=workers)
+                             for split, data in (("val", bundle.val), ("test", bundle.test)) if data is not None}
         self.steps_per_epoch = len(self.train_loader)
         if self.steps_per_epoch == 0:
             raise ValueError(f"batch_size={cfg.batch_size} is larger than the training set "
-                             f"({self.bundle.train.labels.shape[0]} examples): no full batch to train on")
+                             f"({bundle.train.labels.shape[0]} examples): no full batch to train on")
         self.total_steps = cfg.train_steps or cfg.epochs * self.steps_per_epoch
         self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
         self.lr = LrSetter(self.optimizer, cfg.sched, self.total_steps, self.steps_per_epoch)
         self.scaler = torch.amp.GradScaler(rt.device.type) if rt.precision == "fp16" else None
+        self.top5 = bundle.num_classes > 10
+        self.step_config = StepConfig(
+            m=cfg.optim.m, device_batch=cfg.device_batch, bn_stats=cfg.optim.bn_stats, grad_clip=cfg.optim.grad_clip,
+            label_smoothing=cfg.optim.label_smoothing, true_gradient=cfg.optim.true_gradient,
+            shakedrop_mask=cfg.optim.shakedrop_mask, autocast_dtype=rt.autocast_dtype, channels_last=rt.channels_last)
         self.forward_model = self._compiled(self.model)  # evaluation, and training in a single process
-        train_model, first_pass = self.forward_model, contextlib.nullcontext
-        if rt.distributed:
-            ddp = distributed.wrap(self.model, rt)
-            train_model = self._compiled(ddp)
-            # per-replica perturbation: no all-reduce in the first forward/backward (DESIGN.md)
-            first_pass = contextlib.nullcontext if cfg.optim.sync_perturbation else ddp.no_sync
-        self.step = TrainStep(
-            train_model, self.optimizer, self.sam,
-            StepConfig(m=cfg.optim.m, device_batch=cfg.device_batch, bn_stats=cfg.optim.bn_stats,
-                       grad_clip=cfg.optim.grad_clip, label_smoothing=cfg.optim.label_smoothing,
-                       true_gradient=cfg.optim.true_gradient, shakedrop_mask=cfg.optim.shakedrop_mask,
-                       autocast_dtype=rt.autocast_dtype, channels_last=rt.channels_last),
-            scaler=self.scaler, first_pass_context=first_pass, module=self.model,
-            grad_reduce=distributed.average_gradients if rt.distributed else None,
-        )
-        self.top5 = self.bundle.num_classes > 10
-        self.runlog = RunLog(self.run_dir, cfg.name, flat_config(cfg, rt.precision, rt.world_size), environment(rt.device),
-                             self.bundle.info, trackers=Trackers(cfg, self.run_dir)) if rt.is_main else None
+        self.runlog = (RunLog(self.run_dir, cfg.name, summary_config(cfg, rt.precision, rt.world_size),
+                              environment(rt.device), bundle.info, trackers=Trackers(cfg, self.run_dir))
+                       if rt.is_main else None)
 
     def _compiled(self, model: nn.Module) -> nn.Module:
         engine = self.cfg.engine
@@ -210,10 +211,37 @@ class Trainer:
             return torch.compile(model)
         return model
 
+    @property
+    def member(self) -> Member:
+        """What the step needs of this run."""
+        return Member(self.model, self.optimizer, self.sam, self.cfg.optim.grad_clip)
+
+    def solo_step(self) -> TrainStep:
+        """The step of this run trained alone (DDP-wrapped and compiled as the engine config asks)."""
+        rt, train_model, first_pass = self.runtime, self.forward_model, contextlib.nullcontext
+        if rt.distributed:
+            ddp = distributed.wrap(self.model, rt)
+            train_model = self._compiled(ddp)
+            # per-replica perturbation: no all-reduce in the first forward/backward (docs/semantics.md)
+            first_pass = contextlib.nullcontext if self.cfg.optim.sync_perturbation else ddp.no_sync
+        return TrainStep(train_model, self.optimizer, self.sam, self.step_config, scaler=self.scaler,
+                         first_pass_context=first_pass, module=self.model,
+                         grad_reduce=distributed.average_gradients if rt.distributed else None)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """This run's logits for one evaluation batch, as (1, n, C) (the engine's autocast and layout)."""
+        rt = self.runtime
+        with torch.autocast(rt.device.type, dtype=rt.autocast_dtype or torch.float32, enabled=rt.autocast_dtype is not None):
+            return self.forward_model(to_layout(x, rt.channels_last)).unsqueeze(0)
+
     # -- checkpoints ------------------------------------------------------------------------------
-    def _state(self, progress: Progress) -> dict[str, Any]:
+    def state(self, progress: Progress) -> dict[str, Any]:
+        """The checkpoint. A packed member's tensors are views of the pack's stacks: copied out, since
+        torch.save would otherwise write every member's rows (a view saves its whole storage)."""
+        model = {k: (v.clone() if v.untyped_storage().nbytes() > v.numel() * v.element_size() else v)
+                 for k, v in self.model.state_dict().items()}
         return {
-            "model": self.model.state_dict(),
+            "model": model,
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "progress": progress.__dict__,
@@ -221,13 +249,14 @@ class Trainer:
             "data_fingerprint": self.bundle.info["fingerprint"],
         }
 
-    def _resume(self) -> Progress:
+    def resume(self) -> Progress:
         """Continue from the run directory's checkpoint when `resume` allows it."""
         mode = self.cfg.resume
+        distributed.barrier()  # every rank reads the checkpoint rank 0 finished writing
         state = load_checkpoint(self.run_dir, map_location=self.runtime.device) if mode != "never" else None
         if state is None:
             if mode == "must":
-                raise RunDirError(f"resume=must but {self.run_dir}/checkpoint.pt does not exist")
+                raise RunDirError(f"resume=must but {self.run_dir} holds no checkpoint")
             return Progress(history=[])
         check_same_config(state["config"], OmegaConf.to_container(self.cfg, resolve=True), self.run_dir)
         if state["data_fingerprint"] != self.bundle.info["fingerprint"]:
@@ -241,42 +270,9 @@ class Trainer:
         log.info("resuming %s after epoch %d (step %d)", self.run_dir, progress.epoch, progress.step)
         return progress
 
-    # -- the run ----------------------------------------------------------------------------------
-    def fit(self) -> int:
-        """Train to the end (or from the last checkpoint); returns the process exit code."""
-        progress = self.begin()
-        every, every_steps = self.cfg.engine.eval_every, self.cfg.engine.eval_every_steps
-        try:
-            period = Period(self.runtime.device)
-            for epoch in range(progress.epoch + 1, self.epochs + 1):
-                self._train_epoch(epoch, progress, period)
-                due = period.steps >= every_steps if every_steps else epoch % every == 0
-                if not due and epoch != self.epochs:
-                    continue  # evaluate, log and checkpoint every eval_every epochs (or steps) and at the end
-                row = self._evaluate(epoch, period, progress)
-                period = Period(self.runtime.device)
-                progress.history.append(row)
-                progress.epoch = epoch
-                if self.runtime.is_main:
-                    save_checkpoint(self.run_dir, self._state(progress))
-                    self.runlog.log_epoch(row, progress.history, progress.wall_s)
-                log.info("epoch %d/%d %s", epoch, self.epochs,
-                         " ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "epoch"))
-        except Diverged as err:
-            log.error("diverged: %s; the last good checkpoint is kept", err)
-            if self.runlog:
-                self.runlog.finish("diverged", str(err))
-            return EXIT_DIVERGED
-        except BaseException as err:
-            self.record_exit(err)
-            raise
-        if self.runlog:
-            self.runlog.finish("completed")
-        return EXIT_OK
-
     def begin(self) -> Progress:
         """Resume (or start) and write the run directory's config and first summary."""
-        progress = self._resume()
+        progress = self.resume()
         if self.runlog:
             self.runlog.write_config(self.cfg)
             self.runlog.restore(progress.history, progress.started_at, progress.wall_s)
@@ -284,52 +280,24 @@ class Trainer:
             self.runlog.write_summary()
         return progress
 
-    def record_exit(self, err: BaseException) -> None:
-        """What metrics.json says when training stops on an exception."""
+    def record_exit(self, err: BaseException, progress: Progress) -> None:
+        """What metrics.json says when training stops on an exception (a full disk may refuse even that)."""
         if not self.runlog:
             return
-        if isinstance(err, (KeyboardInterrupt, SystemExit)):  # Ctrl-C, or a preemption signal (SLURM/submitit):
-            # not a failure, the run resumes from its last checkpoint when re-run
-            self.runlog.finish("running", f"interrupted ({type(err).__name__}); re-run the same command to resume")
-        else:  # a crash
-            self.runlog.finish("failed", f"{type(err).__name__}: {err}")
+        if isinstance(err, INTERRUPTIONS + (DiskFull,)):  # resumable: not a failure
+            why = str(err) if isinstance(err, DiskFull) else f"interrupted ({type(err).__name__})"
+            status, error = "interrupted", f"{why} after epoch {progress.epoch}; re-run the same command to resume"
+        else:
+            status, error = "failed", f"{type(err).__name__}: {err}"
+        try:
+            self.runlog.finish(status, error)
+        except DiskFull:
+            log.error("%s: metrics.json could not record %s: the disk is full", self.run_dir, status)
 
-    def _train_epoch(self, epoch: int, progress: Progress, period: "Period") -> None:
-        """One pass over the training loader (or what is left of `train_steps`), summed into `period`."""
-        rt, cfg = self.runtime, self.cfg
-        # each replica draws its own dropout/ShakeDrop masks (rank 0 draws what a single process does)
-        torch.manual_seed(epoch_seed(cfg.seed, epoch) + 7919 * rt.rank)
-        self.train_loader.set_epoch(epoch)
-        set_train_mode(self.model, cfg.model.freeze_bn)
-        steps_left = self.total_steps - progress.step
-        bar = tqdm(self.train_loader, total=min(self.steps_per_epoch, steps_left), desc=f"epoch {epoch}/{self.epochs}",
-                   disable=not (cfg.engine.progress and rt.is_main), leave=False, dynamic_ncols=True)
-        start = time.perf_counter()
-        for index, (x, y) in enumerate(bar):
-            if index >= steps_left:
-                break
-            period.lr = self.lr(progress.step)
-            period.add(self.step(x.to(rt.dtype) if x.is_floating_point() else x, y))
-            progress.step += 1
-            if (index + 1) % LOG_EVERY == 0:
-                self._check_finite(period.loss_sum, epoch, progress.step)
-                bar.set_postfix(loss=f"{float(period.loss_sum) / period.seen:.3f}",
-                                err=f"{100 - 100 * int(period.correct) / period.seen:.2f}")
-        bar.close()
-        self._check_finite(period.loss_sum, epoch, progress.step)
-        if rt.device.type == "cuda":
-            torch.cuda.synchronize(rt.device)
-        period.train_s += time.perf_counter() - start
-        period.epochs += 1
-
-    def _evaluate(self, epoch: int, period: "Period", progress: Progress,
-                  measured: Optional[dict[str, dict[str, float]]] = None) -> dict[str, Any]:
-        """The metrics.jsonl row of the epochs in `period`: training sums and a test evaluation
-        (`measured`: the "test" and "val" evaluations already done, by a pack for all its members)."""
+    def row(self, epoch: int, period: Period, progress: Progress, measured: dict[str, dict[str, float]]) -> dict[str, Any]:
+        """The metrics.jsonl row of the epochs in `period`: training sums and the evaluations `measured`."""
         rt = self.runtime
         start = time.perf_counter()
-        if rt.distributed:  # per-replica BatchNorm: evaluate and checkpoint the ranks' mean statistics
-            distributed.average_batchnorm_stats(self.model)
         totals = torch.stack([period.loss_sum, period.correct.double(),
                               torch.tensor(float(period.seen), device=rt.device, dtype=torch.float64),
                               period.grad_norm_sum, period.e_norm_sum])
@@ -341,50 +309,190 @@ class Trainer:
         if period.norm_steps:  # SAM: means over the interval's steps (and replicas)
             norm_count = period.norm_steps * rt.world_size
             row.update(grad_norm=grad_norm_total / norm_count, perturbation_norm=e_norm_total / norm_count)
-        if self.val_loader is not None:
-            val = measured["val"] if measured else evaluate(self.forward_model, self.val_loader, rt, self.top5)
-            row.update(val_loss=val["loss"], val_err=val["err"])
-        test = measured["test"] if measured else evaluate(self.forward_model, self.test_loader, rt, self.top5)
-        row.update(test_loss=test["loss"], test_err=test["err"])
+        if "val" in measured:
+            row.update(val_loss=measured["val"]["loss"], val_err=measured["val"]["err"])
+        row.update(test_loss=measured["test"]["loss"], test_err=measured["test"]["err"])
         if self.top5:
-            row["test_top5_err"] = test["top5_err"]
+            row["test_top5_err"] = measured["test"]["top5_err"]
         elapsed = period.train_s + period.eval_s + time.perf_counter() - start
         progress.wall_s += elapsed
         row.update(epoch_s=round(elapsed / period.epochs, 3), images_per_s=round(seen_total / period.train_s, 1))
         return row
 
-    def _check_finite(self, loss_sum: torch.Tensor, epoch: int, step: int) -> None:
-        # summed over ranks, so that every rank stops at the same step (a lone rank would hang the others)
-        if not torch.isfinite(distributed.summed(loss_sum)):
-            raise Diverged(f"non-finite training loss in epoch {epoch} (by step {step})")
+    def close(self) -> None:
+        """Let the next writer into the run directory."""
+        if self.lock is not None:
+            self.lock.release()
 
 
-def flat_dict(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """A resolved config as {"optim.lr": 0.1, ...} (a model's `kwargs` stay one value)."""
-    out: dict[str, Any] = {}
-    for key, value in d.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict) and key != "kwargs":
-            out.update(flat_dict(value, name + "."))
+class Trainer:
+    """Trains `runs` (one, or several that agree on the pack planner's key) to their ends."""
+
+    def __init__(self, runs: Sequence[Run]) -> None:
+        self.runs = list(runs)
+
+    def fit(self) -> list[int]:
+        """Every run's exit code, in order. Runs at the same point train together (a pack killed between
+        two members' checkpoints resumes as two packs, each ending where it would have)."""
+        try:
+            progresses = [run.begin() for run in self.runs]
+            codes = [EXIT_OK] * len(self.runs)
+            together: dict[int, list[int]] = defaultdict(list)
+            for i, progress in enumerate(progresses):
+                together[progress.step].append(i)
+            for indices in together.values():
+                results = self._fit_together([self.runs[i] for i in indices], [progresses[i] for i in indices])
+                for i, code in zip(indices, results):
+                    codes[i] = code
+            return codes
+        finally:
+            for run in self.runs:
+                run.close()
+
+    def _fit_together(self, runs: list[Run], progresses: list[Progress]) -> list[int]:
+        first = runs[0]
+        if len(runs) == 1:
+            solo = first.solo_step()
+            step: Callable = lambda x, y: [solo(x[0], y[0])]  # noqa: E731
+            module, forward, active = first.model, first.forward, [True]
         else:
-            out[name] = value
-    return out
+            grid = GridStep([run.member for run in runs], first.step_config)
+            step, module, forward, active = grid, grid.passes.module, grid.forward_members, grid.active
+            log.info("pack of %d runs from epoch %d: %s", len(runs), progresses[0].epoch + 1,
+                     ", ".join(str(run.run_dir) for run in runs))
+        codes = [EXIT_OK] * len(runs)
+        every, every_steps = first.cfg.engine.eval_every, first.cfg.engine.eval_every_steps
+        periods = [Period(first.runtime.device) for _ in runs]
+        try:
+            for epoch in range(progresses[0].epoch + 1, first.epochs + 1):
+                self._train_epoch(step, module, runs, progresses, periods, epoch, active, codes)
+                if not any(active):
+                    break
+                due = periods[0].steps >= every_steps if every_steps else epoch % every == 0
+                if not due and epoch != first.epochs:
+                    continue  # evaluate, log and checkpoint every eval_every epochs (or steps) and at the end
+                self._evaluate(forward, module, runs, progresses, periods, epoch, active)
+                periods = [Period(first.runtime.device) for _ in runs]
+        except BaseException as err:
+            for run, progress, is_active in zip(runs, progresses, active):
+                if is_active:
+                    run.record_exit(err, progress)
+            raise
+        for run, is_active in zip(runs, active):
+            if is_active and run.runlog:
+                run.runlog.finish("completed")
+        return codes
+
+    def _train_epoch(self, step: Callable, module: nn.Module, runs: list[Run], progresses: list[Progress], periods: list[Period],
+                     epoch: int, active: list[bool], codes: list[int]) -> None:
+        """One pass over the runs' training loaders (or what is left of `train_steps`), summed into `periods`."""
+        first = runs[0]
+        rt = first.runtime
+        # each replica draws its own dropout/ShakeDrop masks (rank 0 draws what a single process does);
+        # a pack draws its members' masks from the first member's seed
+        torch.manual_seed(epoch_seed(first.cfg.seed, epoch) + 7919 * rt.rank)
+        for run in runs:
+            run.train_loader.set_epoch(epoch)
+        set_train_mode(module, first.cfg.model.freeze_bn)  # the module the step calls
+        steps = min(first.steps_per_epoch, first.total_steps - progresses[0].step)
+        bar = tqdm(zip(*(run.train_loader for run in runs)), total=steps, desc=f"epoch {epoch}/{first.epochs}",
+                   disable=not (first.cfg.engine.progress and rt.is_main), leave=False, dynamic_ncols=True)
+        start = time.perf_counter()
+        for index, batches in enumerate(bar):
+            if index >= steps:
+                break
+            for run, period, progress in zip(runs, periods, progresses):
+                period.lr = run.lr(progress.step)
+            xs, ys = zip(*batches)
+            x = torch.stack(xs) if len(xs) > 1 else xs[0].unsqueeze(0)
+            y = torch.stack(ys) if len(ys) > 1 else ys[0].unsqueeze(0)
+            for period, progress, stats in zip(periods, progresses, step(x.to(rt.dtype) if x.is_floating_point() else x, y)):
+                period.add(stats)
+                progress.step += 1
+            if (index + 1) % LOG_EVERY == 0:
+                self._stop_diverged(runs, progresses, periods, epoch, active, codes)
+                if not any(active):
+                    break
+                seen = sum(p.seen for p in periods)
+                bar.set_postfix(loss=f"{float(sum(p.loss_sum for p in periods)) / seen:.3f}",
+                                err=f"{100 - 100 * int(sum(p.correct for p in periods)) / seen:.2f}")
+        bar.close()
+        self._stop_diverged(runs, progresses, periods, epoch, active, codes)
+        if rt.device.type == "cuda":
+            torch.cuda.synchronize(rt.device)
+        elapsed = time.perf_counter() - start
+        for period in periods:
+            period.train_s += elapsed
+            period.epochs += 1
+
+    @staticmethod
+    def _stop_diverged(runs: list[Run], progresses: list[Progress], periods: list[Period], epoch: int,
+                       active: list[bool], codes: list[int]) -> None:
+        """A run whose training loss is NaN or inf is marked diverged (its last good checkpoint kept) and
+        frozen; the others go on. One host sync for all runs; summed over the ranks of a distributed run,
+        so that every rank stops at the same step (a lone rank would hang the others)."""
+        sums = distributed.summed(torch.stack([p.loss_sum for p in periods]))
+        for i, finite in enumerate(torch.isfinite(sums).tolist()):
+            if finite or not active[i]:
+                continue
+            active[i], codes[i] = False, EXIT_DIVERGED
+            why = f"non-finite training loss in epoch {epoch} (by step {progresses[i].step})"
+            log.error("%s diverged: %s; the last good checkpoint is kept", runs[i].run_dir, why)
+            if runs[i].runlog:
+                runs[i].runlog.finish("diverged", why)
+
+    def _evaluate(self, forward: Callable, module: nn.Module, runs: list[Run], progresses: list[Progress], periods: list[Period],
+                  epoch: int, active: list[bool]) -> None:
+        """Evaluate every run at once, then each active run's row, checkpoint and log line."""
+        first = runs[0]
+        rt = first.runtime
+        start = time.perf_counter()
+        if rt.distributed:  # per-replica BatchNorm: evaluate and checkpoint the ranks' mean statistics
+            distributed.average_batchnorm_stats(first.model)
+        module.eval()
+        measured: list[dict[str, dict[str, float]]] = [{} for _ in runs]
+        for split, loader in first.eval_loaders.items():
+            for m, result in zip(measured, evaluate(forward, loader, rt, len(runs), first.top5)):
+                m[split] = result
+        eval_s = time.perf_counter() - start
+        for i, (run, progress, period) in enumerate(zip(runs, progresses, periods)):
+            if not active[i]:
+                continue
+            period.eval_s = eval_s
+            row = run.row(epoch, period, progress, measured[i])
+            progress.history.append(row)
+            progress.epoch = epoch
+            if run.runlog:
+                save_checkpoint(run.run_dir, run.state(progress))
+                run.runlog.log_epoch(row, progress.history, progress.wall_s)
+            member = f"[member {i + 1}/{len(runs)} {run.cfg.name}] " if len(runs) > 1 else ""
+            log.info("%sepoch %d/%d %s", member, epoch, run.epochs,
+                     " ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "epoch"))
 
 
-def check_same_config(saved: dict[str, Any], current: dict[str, Any], run_dir: Path) -> None:
-    """A checkpoint continues only the run it came from: refuse a changed config."""
-
-    a, b = flat_dict(saved), flat_dict(current)
-    changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and not k.startswith(RESUME_FREE_KEYS))
-    if changed:
-        detail = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in changed[:5])
-        raise RunDirError(f"{run_dir} holds a run with another config ({detail}); "
-                         f"use another hydra.run.dir, or resume=never to start it over")
+def open_runs(jobs: Sequence[tuple[DictConfig, Path]]) -> list[Run]:
+    """A Run per (config, run directory), the data read once; none is left locked if one fails."""
+    data_cache: dict = {}
+    runs: list[Run] = []
+    try:
+        for cfg, run_dir in jobs:
+            runs.append(Run(cfg, run_dir, data_cache=data_cache))
+    except BaseException:
+        for run in runs:
+            run.close()
+        raise
+    return runs
 
 
 def fit(cfg: DictConfig, run_dir: Path) -> int:
     """Train the run described by `cfg` into `run_dir`; returns the process exit code."""
     try:
-        return Trainer(cfg, run_dir).fit()
+        return Trainer(open_runs([(cfg, run_dir)])).fit()[0]
     finally:
         distributed.shutdown()
+
+
+def fit_pack(jobs: Sequence[tuple[DictConfig, Path]]) -> list[int]:
+    """Train `jobs` (config, run directory), which agree on the pack planner's key, as one pack; each
+    job's exit code."""
+    return Trainer(open_runs(jobs)).fit()

@@ -17,14 +17,6 @@ Schedule = Callable[[int, int, int], float]
 SCHEDULES: dict[str, Callable[[SchedConfig], Schedule]] = {}
 
 
-def register_schedule(name: str) -> Callable:
-    def wrap(fn: Callable[[SchedConfig], Schedule]) -> Callable[[SchedConfig], Schedule]:
-        SCHEDULES[name] = fn
-        return fn
-
-    return wrap
-
-
 def _with_warmup(cfg: SchedConfig, decay: Schedule) -> Schedule:
     def factor(step: int, total: int, per_epoch: int) -> float:
         warmup = cfg.warmup_epochs * per_epoch
@@ -57,7 +49,6 @@ def constant(cfg: SchedConfig) -> Schedule:
     return _with_warmup(cfg, lambda step, total, per_epoch: 1.0)
 
 
-# Registered by call rather than by decorator: mutmut (make mutate) skips decorated functions.
 SCHEDULES.update(cosine=cosine, step=step_decay, constant=constant)
 
 

@@ -23,6 +23,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from sam_repro.errors import UserError
+
 from .registry import create_model, timm_name
 
 if TYPE_CHECKING:
@@ -33,7 +35,7 @@ PREFIXES = ("module.", "_orig_mod.")
 INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 
 
-class WeightsError(Exception):
+class WeightsError(UserError):
     """Pretrained weights that cannot be had or do not fit; the message is one actionable line."""
 
 

@@ -25,13 +25,14 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from sam_repro.engine.checkpoint import CHECKPOINT, write_json
+from sam_repro.errors import EXIT_BAD_INPUT, EXIT_OK, UserError, print_error
+from sam_repro.rundir import RunDirLock, write_json
 from sam_repro.sharpness import hessian, landscape, msharpness
 from sam_repro.sharpness.hvp import DEFAULT_GRAPH_BUDGET, DEFAULT_HVP, HVP_MODES
 from sam_repro.sharpness.objective import BN_MODES, DTYPES, Objective, prepare_model
-from sam_repro.sharpness.rundir import SHARPNESS_FILE, Run, RunDirError, load_run, read_summary, train_subset
+from sam_repro.sharpness.rundir import (SHARPNESS_FILE, Run, RunDirError, finished_summary, load_run, require_checkpoint,
+                                        train_subset)
 
-EXIT_OK, EXIT_BAD_INPUT = 0, 2
 SCHEMA = 1
 WEIGHT_DECAY = ("out", "in")
 
@@ -268,11 +269,10 @@ def _discover(root: Path, missing_only: bool) -> list[Path]:
             continue
         why = None
         try:
-            read_summary(d)
+            finished_summary(d)
+            require_checkpoint(d)
         except RunDirError as e:
             why = str(e)
-        if why is None and not (d / CHECKPOINT).is_file():
-            why = f"no {CHECKPOINT}"
         if why:
             print(f"  skipped {d}: {why}")
         else:
@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
     parts = [p for p in a.parts.split(",") if p]
     problem = _check_args(a, parts)
     if problem:
-        print(f"sam-sharpness: error: {problem}", file=sys.stderr)
+        print_error("sam-sharpness", problem)
         return EXIT_BAD_INPUT
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -296,24 +296,24 @@ def main(argv: list[str] | None = None) -> int:
             for d in dirs:  # cheap checks of every directory before the first measurement
                 if not d.is_dir():
                     raise RunDirError(f"{d} is not a directory")
-                read_summary(d)
-                if not (d / CHECKPOINT).is_file():
-                    raise RunDirError(f"{d} has no {CHECKPOINT} (committed runs keep only their logs: measure a "
-                                      f"run before its checkpoint is dropped)")
+                finished_summary(d)
+                require_checkpoint(d)
         loaded: list[tuple[Run, Objective]] = []
         for d in dirs:
             if a.missing_only and (d / SHARPNESS_FILE).is_file():
                 print(f"  {d}: has {SHARPNESS_FILE}, skipped")
                 continue
-            run = load_run(d, a.data_root)
-            print(f"sam-sharpness: {d} ({run.label})", flush=True)
-            obj, _ = measure(run, a, parts)
+            with RunDirLock(d, purpose="sam-sharpness"):  # no run may train into it meanwhile
+                run = load_run(d, a.data_root)
+                print(f"sam-sharpness: {d} ({run.label})", flush=True)
+                obj, _ = measure(run, a, parts)
             loaded.append((run, obj))
         if a.interpolate:
             (ra, oa), (rb, _) = loaded
-            _interpolate(ra, rb, oa, a)
-    except RunDirError as e:
-        print(f"sam-sharpness: error: {e}", file=sys.stderr)
+            with RunDirLock(ra.path, purpose="sam-sharpness"):
+                _interpolate(ra, rb, oa, a)
+    except UserError as e:
+        print_error("sam-sharpness", e)
         return EXIT_BAD_INPUT
     print(f"sam-sharpness: measured {len(loaded)} run(s)")
     return EXIT_OK

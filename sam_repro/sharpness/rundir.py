@@ -7,7 +7,6 @@ architecture, data that moved or changed) is a `RunDirError` with a one-line mes
 """
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -19,13 +18,14 @@ from torch import Tensor, nn
 from sam_repro.config import TrainConfig
 from sam_repro.data import DataBundle, DataError, ImageArrays, fit_to_model, load_data, normalize, normalize_coeffs
 from sam_repro.data.augment import resize
-from sam_repro.engine.checkpoint import CHECKPOINT, load_checkpoint
+from sam_repro.errors import UserError
 from sam_repro.models import create_model_from_config, pretrained_input
+from sam_repro.rundir import CHECKPOINT, has_checkpoint, load_checkpoint, read_summary
 
 SHARPNESS_FILE = "sharpness.json"
 
 
-class RunDirError(Exception):
+class RunDirError(UserError):
     """A run directory that cannot be measured; the message is one line for the CLI (exit 2)."""
 
 
@@ -45,21 +45,25 @@ class Run:
         return f"{c.get('optimizer')} seed={c.get('seed')}"
 
 
-def read_summary(path: Path) -> dict[str, Any]:
-    """metrics.json of a finished run (a running one is refused: its weights are still moving)."""
-    f = path / "metrics.json"
-    try:
-        summary = json.loads(f.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise RunDirError(f"{path} is not a run directory (no metrics.json)") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise RunDirError(f"{f} is unreadable ({type(e).__name__})") from None
-    if not isinstance(summary, dict):
-        raise RunDirError(f"{f} is not a JSON object")
+def finished_summary(path: Path) -> dict[str, Any]:
+    """metrics.json of a finished run (a running or interrupted one is refused: its weights are not final)."""
+    summary = read_summary(path)
+    if summary is None:
+        raise RunDirError(f"{path} is not a run directory (no readable metrics.json)")
     if summary.get("status") == "running":
         raise RunDirError(f"{path} is still running (metrics.json status running, {summary.get('epochs_done')} "
                           f"epochs done): measure it when it has finished, or resume a killed run first")
+    if summary.get("status") == "interrupted":
+        raise RunDirError(f"{path} was interrupted after {summary.get('epochs_done')} epochs (metrics.json status "
+                          f"interrupted): re-run its command to finish it, then measure it")
     return summary
+
+
+def require_checkpoint(path: Path) -> None:
+    """One line when the run directory keeps no checkpoint to measure."""
+    if not has_checkpoint(path):
+        raise RunDirError(f"{path} has no {CHECKPOINT} (committed runs keep only their logs: measure a run "
+                          f"before its checkpoint is dropped)")
 
 
 def read_config(path: Path, data_root: Optional[str] = None) -> DictConfig:
@@ -84,15 +88,10 @@ def load_run(path: str | Path, data_root: Optional[str] = None) -> Run:
     path = Path(path)
     if not path.is_dir():
         raise RunDirError(f"{path} is not a directory")
-    summary = read_summary(path)
-    if not (path / CHECKPOINT).is_file():
-        raise RunDirError(f"{path} has no {CHECKPOINT} (committed runs keep only their logs: measure a run "
-                          f"before its checkpoint is dropped)")
+    summary = finished_summary(path)
+    require_checkpoint(path)
     cfg = read_config(path, data_root)
-    try:
-        state = load_checkpoint(path, map_location="cpu")
-    except Exception as e:
-        raise RunDirError(f"{path / CHECKPOINT} is unreadable ({type(e).__name__})") from None
+    state = load_checkpoint(path, map_location="cpu")  # a damaged one: the previous, or one CheckpointError line
     try:
         bundle = load_data(cfg.dataset)
     except DataError as e:

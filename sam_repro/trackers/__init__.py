@@ -6,7 +6,7 @@ points where metrics.jsonl and metrics.json are written:
     start(history)  the run (re)starts: open or continue each tracker's run, log the resolved config
                     once as flat hyperparameters (`optim.rho`), then the history rows not yet logged
     log_row(row)    a metrics.jsonl row was appended (step = its epoch)
-    finish(status)  metrics.json got its status (completed | diverged | failed; running = interrupted)
+    finish(status)  metrics.json got its status (completed | diverged | failed | interrupted)
 
 Each tracker's own run id and the last epoch it logged live in <run dir>/trackers.json (written
 atomically), so a resumed run continues the same tracker run and logs each epoch once. Everything
@@ -27,7 +27,8 @@ from typing import Any, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from sam_repro.engine.checkpoint import write_json
+from sam_repro.config import flatten
+from sam_repro.rundir import write_json
 
 log = logging.getLogger("sam_repro")
 STATE_FILE = "trackers.json"
@@ -96,19 +97,9 @@ def not_installed(cfg: DictConfig) -> list[tuple[str, TrackerSpec]]:
 def flat_hparams(cfg: DictConfig) -> dict[str, Any]:
     """The resolved config as flat dotted keys (`optim.rho`), scalars only (lists become strings).
     The `logger` node is left out: it says where the run is shown, not what it is."""
-    out: dict[str, Any] = {}
-
-    def walk(node: Any, prefix: str) -> None:
-        if isinstance(node, dict):
-            for key, value in node.items():
-                walk(value, f"{prefix}{key}.")
-        else:
-            out[prefix[:-1]] = str(node) if isinstance(node, (list, tuple)) else node
-
     container = OmegaConf.to_container(cfg, resolve=True)
     container.pop("logger", None)
-    walk(container, "")
-    return out
+    return {k: str(v) if isinstance(v, (list, tuple)) else v for k, v in flatten(container, whole=()).items()}
 
 
 def row_metrics(row: dict[str, Any]) -> dict[str, float]:

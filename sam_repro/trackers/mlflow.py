@@ -11,7 +11,7 @@ from typing import Any, Optional
 
 from sam_repro.trackers import Tracker
 
-RUN_STATUS = {"completed": "FINISHED", "running": "KILLED"}  # diverged, failed: FAILED
+RUN_STATUS = {"completed": "FINISHED", "interrupted": "KILLED", "running": "KILLED"}  # diverged, failed: FAILED
 MAX_PARAMS, MAX_METRICS, MAX_PARAM_CHARS = 100, 1000, 500  # MLflow's limits per batch and per value
 
 

@@ -2,7 +2,7 @@
 shows every run of a sweep side by side (each run directory is one TensorBoard run)."""
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 from sam_repro.trackers import Tracker
 
@@ -42,7 +42,7 @@ class TensorBoardTracker(Tracker):
         self.last_epoch = epoch
 
     def finish(self, status: str, summary: dict[str, Any]) -> None:
-        if status != "running":  # running = interrupted: the resumed run writes the status
+        if status not in ("interrupted", "running"):  # the resumed run writes the status
             error = summary.get("error")
             self.writer.add_text("status", status + (f": {error}" if error else ""), global_step=self.last_epoch)
         self.writer.close()

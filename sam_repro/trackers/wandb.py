@@ -10,7 +10,6 @@ offline files' history records offline), and every row after that is logged agai
 """
 from __future__ import annotations
 
-import json
 import struct
 import uuid
 from pathlib import Path
@@ -18,7 +17,7 @@ from typing import Any, Iterator, Optional
 
 from sam_repro.trackers import Tracker
 
-EXIT_CODES = {"completed": 0, "running": 0}  # anything else (diverged, failed) exits the W&B run with 1
+EXIT_CODES = {"completed": 0, "interrupted": 0, "running": 0}  # anything else (diverged, failed) exits the W&B run with 1
 BLOCK = 32768
 
 

@@ -1,0 +1,276 @@
+"""The grid backend of the step: P members (runs) x k devices each, one functional core.
+
+A solo run that emulates the paper's devices is one member; a packed sweep (hydra/launcher=pack)
+is several members of one shape, each with its own seed, data, noise, optimizer, lr, weight decay,
+schedule, rho and clipping. The official code writes its step once for one device and lets pmap make
+it per-device; here torch.func does the mapping over the (member, device) grid:
+
+- the members' parameters live in one stacked tensor per parameter name, (P, *shape), and their
+  gradients in another; each member's nn.Parameter and its .grad are views of their row, so the
+  member's own optimizer steps its own row in place and its checkpoint is an ordinary state_dict
+  (one member alone: the views are of its own tensors, nothing is copied);
+- each (member, device) cell gets its own copy of the BatchNorm running statistics (P, k, ...),
+  averaged over the devices after the step: what k real devices end with once the official code
+  averages their statistics (r <- 0.9 r + 0.1 * mean_d s_d, linear in r);
+- SGD: one forward of every cell with the member's weights shared by its devices, one backward: the
+  mean of the devices' gradients, per member;
+- SAM: every cell's gradient at w (vmap of grad), L2 term included; each member's own SAM object
+  turns its rows into e (SAM.grouped_perturbation: its rho, one norm per device); then one forward
+  of the P x k perturbed weight sets w + e_d and one backward. The loss summed over members has, in
+  each member's rows, exactly that member's gradient: members never mix.
+
+Under autocast, a convolution whose weights are batched by vmap is not cast: the weights and the
+input are cast by hand (`_low_precision`), BatchNorm kept in fp32 (`_batchnorm_in_float`). What
+differs from running the members alone: dropout/ShakeDrop draws are made by the pack (vmap's
+"different" randomness), so a stochastic member is statistically, not bitwise, its solo run; float32
+sums may be ordered differently. One member draws exactly what its solo run draws.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+from typing import Any, Callable, Iterator, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+from torch.utils._pytree import tree_map
+
+from sam_repro.engine.passes import (Member, Passes, StepConfig, StepStats, apply_gradients, batchnorm_buffers,
+                                     clip_norms, device_size, member_stats, to_layout)
+
+
+def _stack(tensors: Sequence[Tensor]) -> Tensor:
+    """(P, *shape), each row in the layout of its tensor (a channels_last weight stays channels_last)."""
+    first = tensors[0]
+    if first.dim() == 4 and not first.is_contiguous() and first.is_contiguous(memory_format=torch.channels_last):
+        return torch.stack([t.movedim(1, -1) for t in tensors]).movedim(-1, 2)
+    return torch.stack(list(tensors))
+
+
+def _owned(t: Tensor) -> Tensor:
+    """`t`, or a copy when it shares memory across its elements (vmap's gradient of a parameter the loss
+    never reaches: zeros expanded with stride 0), so that it can be changed in place."""
+    shared = any(stride == 0 and size > 1 for stride, size in zip(t.stride(), t.shape))
+    return t.clone() if shared else t
+
+
+def _set_buffer(model: nn.Module, name: str, value: Tensor) -> None:
+    owner, _, leaf = name.rpartition(".")
+    model.get_submodule(owner)._buffers[leaf] = value
+
+
+class GridStep:
+    """Callable (x, y) of shape (P, B, ...) and (P, B) -> one StepStats per member; steps every active
+    member's optimizer (`active[i] = False` freezes member i: a diverged run)."""
+
+    def __init__(self, members: Sequence[Member], cfg: StepConfig, scaler: Optional[torch.amp.GradScaler] = None,
+                 grad_reduce: Optional[Callable[[list[Tensor]], None]] = None) -> None:
+        self.members, self.cfg, self.scaler, self.grad_reduce = list(members), cfg, scaler, grad_reduce
+        self.size = len(self.members)
+        alone = self.size == 1
+        # The module torch.func calls: a member's own when it is alone, else a private copy (members' own
+        # parameters become views of the stack; none of them must be the template)
+        module = self.members[0].module if alone else copy.deepcopy(self.members[0].module)
+        device = next(module.parameters()).device
+        self.passes = Passes(module, cfg, device)
+        self.uses_sam = self.members[0].sam is not None
+        self.active = [True] * self.size
+        params = [dict(m.module.named_parameters()) for m in self.members]
+        self.names = [n for n, p in params[0].items() if p.requires_grad]
+        self.member_params = [[p[n] for n in self.names] for p in params]
+        for row in self.member_params:
+            for p in row:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+        stats = [batchnorm_buffers(m.module) for m in self.members]
+        if alone:  # views of the member's own tensors
+            self.weights = {n: p.detach().unsqueeze(0) for n, p in zip(self.names, self.member_params[0])}
+            self.grads = {n: p.grad.unsqueeze(0) for n, p in zip(self.names, self.member_params[0])}
+            self.buffers = {n: b.unsqueeze(0) for n, b in stats[0].items()}
+        else:  # one stack per tensor; the members' own become views of their rows
+            self.weights = {n: _stack([row[j].detach() for row in self.member_params]) for j, n in enumerate(self.names)}
+            self.grads = {n: torch.zeros_like(w) for n, w in self.weights.items()}
+            for i, row in enumerate(self.member_params):
+                for n, p in zip(self.names, row):
+                    p.data, p.grad = self.weights[n][i], self.grads[n][i]
+            self.buffers = {n: _stack([s[n] for s in stats]) for n in stats[0]}
+            for i, member in enumerate(self.members):
+                for n, stacked in self.buffers.items():
+                    _set_buffer(member.module, n, stacked[i])
+        self.l2 = {n: self._per_member_l2(n, j) for j, n in enumerate(self.names)}
+        self.max_norm = clip_norms(self.members, device)
+        self._norm_params = {f"{prefix}.{n}" if prefix else n for prefix, m in module.named_modules()
+                             if isinstance(m, nn.modules.batchnorm._NormBase) for n, _ in m.named_parameters(recurse=False)}
+        self._bn_in_float = False
+        if cfg.autocast_dtype is not None:
+            self._install_batchnorm_hooks()
+
+    def _per_member_l2(self, name: str, index: int) -> Optional[Tensor]:
+        """Each member's L2 coefficient of one parameter (from its param group), as a (P, 1, ...) tensor."""
+        values = []
+        for member, row in zip(self.members, self.member_params):
+            p = row[index]
+            values.append(next(g.get("l2", 0.0) for g in member.optimizer.param_groups if any(q is p for q in g["params"])))
+        if not any(values):
+            return None
+        w = self.weights[name]
+        return torch.tensor(values, dtype=w.dtype, device=w.device).view(-1, *[1] * (w.dim() - 1))
+
+    # -- mapping a one-cell function over the grid ------------------------------------------------
+    def _over_grid(self, fn: Callable, member_dims: tuple, device_dims: tuple) -> Callable:
+        """`fn` of one (member, device) cell, mapped over devices inside members. One member: its axis is
+        squeezed rather than mapped, so a solo run draws and computes exactly as over its devices."""
+        over_devices = vmap(fn, in_dims=device_dims, randomness="different")
+        if self.size > 1:
+            return vmap(over_devices, in_dims=member_dims, randomness="different")
+
+        def squeezed(*args: Any) -> Any:
+            args = [tree_map(lambda t: t.squeeze(0), a) if d is not None else a for a, d in zip(args, member_dims)]
+            return tree_map(lambda t: t.unsqueeze(0), over_devices(*args))
+        return squeezed
+
+    def _logits(self, weights: dict[str, Tensor], stats: dict[str, Tensor], x: Tensor) -> Tensor:
+        """One cell's logits, with `weights` and BatchNorm `stats` in place of the module's own."""
+        with self.passes.autocast(), self._batchnorm_in_float():
+            return functional_call(self.passes.module, {**weights, **stats}, (x,))
+
+    @contextlib.contextmanager
+    def _batchnorm_in_float(self) -> Iterator[None]:
+        """Under autocast, BatchNorm reads its input in its statistics' dtype (fp32) and hands back the
+        autocast dtype: vmap's batch-norm rule, unlike the plain kernel, refuses a bf16 input with fp32
+        running statistics. The hooks are installed once and act only in here."""
+        self._bn_in_float = self.cfg.autocast_dtype is not None
+        try:
+            yield
+        finally:
+            self._bn_in_float = False
+
+    def _install_batchnorm_hooks(self) -> None:
+        def to_float(module: nn.Module, args: tuple) -> Optional[tuple]:
+            if not self._bn_in_float:
+                return None
+            return tuple(a.float() if torch.is_tensor(a) and a.is_floating_point() else a for a in args)
+
+        def back(module: nn.Module, args: tuple, out: Tensor) -> Optional[Tensor]:
+            return out.to(self.cfg.autocast_dtype) if self._bn_in_float else None
+
+        for layer in self.passes.batchnorms:
+            layer.register_forward_pre_hook(to_float)
+            layer.register_forward_hook(back)
+
+    def _low_precision(self, weights: dict[str, Tensor], x: Tensor) -> tuple[dict[str, Tensor], Tensor]:
+        """What autocast does to a convolution's input and weights on the eager path, done by hand:
+        under vmap with batched weights autocast casts neither (BatchNorm's stay fp32, see above)."""
+        low = self.cfg.autocast_dtype
+        if low is None:
+            return weights, x
+        return {n: (w.to(low) if n not in self._norm_params else w) for n, w in weights.items()}, x.to(low)
+
+    def _member_losses(self, logits: Tensor, y: Tensor) -> Tensor:
+        """Each member's mean cross-entropy over its batch, (P,) (in fp32 under autocast)."""
+        if logits.dtype in (torch.float16, torch.bfloat16):
+            logits = logits.float()
+        per_example = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="none",
+                                      label_smoothing=self.cfg.label_smoothing)
+        return per_example.view(logits.shape[0], -1).mean(dim=1)
+
+    def _loss_scale(self) -> Optional[Tensor]:
+        if self.scaler is None:
+            return None
+        if self.scaler._scale is None:  # the scaler creates its scale at its first scale() call
+            self.scaler.scale(torch.ones((), device=self.passes.device))
+        return self.scaler._scale
+
+    def _backward(self, losses: Tensor, leaves: dict[str, Tensor], scale: Optional[Tensor]) -> None:
+        """The members' gradients into the stacked .grad rows (the sum's gradient, row i, is member i's)."""
+        total = losses.sum() if scale is None else losses.sum() * scale
+        grads = torch.autograd.grad(total, list(leaves.values()), allow_unused=True)
+        for n, g in zip(leaves, grads):
+            if g is None:
+                self.grads[n].zero_()
+            else:
+                self.grads[n].copy_(g)
+
+    def _add_l2(self, grads: dict[str, Tensor], at: Callable[[str], Tensor], scale: Optional[Tensor],
+                per_device: bool = False) -> None:
+        """grads += l2 * at(name), each member its own l2; `per_device`: grads are (P, k, ...)."""
+        for n, l2 in self.l2.items():
+            if l2 is not None:
+                coef = l2.unsqueeze(1) if per_device else l2
+                grads[n].add_(at(n) * (coef if scale is None else coef * scale))
+
+    # -- the step -----------------------------------------------------------------------------------
+    def __call__(self, x: Tensor, y: Tensor) -> list[StepStats]:
+        members, batch = y.shape
+        size = device_size(batch, self.cfg, self.uses_sam)
+        if batch % size:
+            raise ValueError(f"a batch of {batch} examples cannot be split into devices of {size}")
+        k = batch // size
+        xg = to_layout(x.view(members, k, size, *x.shape[2:]), self.cfg.channels_last)
+        yg = y.view(members, k, size)
+        # one copy of the running statistics per (member, device), averaged after the step
+        stats = {n: b.unsqueeze(1).expand(members, k, *b.shape[1:]).clone() for n, b in self.buffers.items()}
+        scale = self._loss_scale()
+        self.passes.draws.capture()
+        if self.uses_sam:
+            losses, logits = self._sam(xg, yg, stats, scale)
+        else:
+            losses, logits = self._sgd(xg, yg, stats, scale)
+        with torch.no_grad():
+            for n, buffer in self.buffers.items():
+                value = stats[n]
+                if buffer.is_floating_point():  # the mean in at least fp32 (bf16 statistics would lose it)
+                    buffer.copy_(value.mean(1, dtype=torch.promote_types(value.dtype, torch.float32)))
+                else:  # num_batches_tracked: every device counted the same steps
+                    buffer.copy_(value[:, 0])
+            apply_gradients(self.members, list(self.grads.values()), self.max_norm, self.active, self.scaler,
+                            self.grad_reduce)
+        loss_sums = losses.detach() * batch
+        correct = (logits.argmax(dim=-1) == yg).view(members, -1).sum(dim=1)
+        return [member_stats(loss_sums[i], correct[i], batch, m.sam, scale) for i, m in enumerate(self.members)]
+
+    def _sgd(self, xg: Tensor, yg: Tensor, stats: dict[str, Tensor], scale: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+        leaves = {n: w.detach().requires_grad_() for n, w in self.weights.items()}
+        weights, x = self._low_precision(leaves, xg)  # the gradient flows back to the fp32 leaves
+        logits = self._over_grid(self._logits, (0, 0, 0), (None, 0, 0))(weights, stats, x)
+        losses = self._member_losses(logits, yg)
+        self._backward(losses, leaves, scale)
+        with torch.no_grad():  # L2 in the loss (wd_mode=loss): + l2 * w, each member its own l2
+            self._add_l2(self.grads, lambda n: self.weights[n], scale)
+        return losses.detach(), logits.detach()
+
+    def _sam(self, xg: Tensor, yg: Tensor, stats: dict[str, Tensor], scale: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+        def loss_of(weights: dict[str, Tensor], st: dict[str, Tensor], x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+            weights, x = self._low_precision(weights, x)  # inside: the gradient is the fp32 weights'
+            loss = self.passes.loss(self._logits(weights, st, x), y)
+            return (loss if scale is None else loss * scale), loss.detach()
+
+        # 1. every cell's gradient at w (P, k, ...), L2 term included
+        with self.passes.first_pass(uses_sam=True):
+            at_w, _ = self._over_grid(grad(loss_of, has_aux=True), (0, 0, 0, 0), (None, 0, 0, 0))(
+                dict(self.weights), stats, xg, yg)
+        e = {n: _owned(at_w[n]) for n in self.names}
+        with torch.no_grad():
+            self._add_l2(e, lambda n: self.weights[n].unsqueeze(1), scale, per_device=True)
+            # 2. each member's own SAM turns its rows into e (its rho, one norm per device), in place
+            for i, member in enumerate(self.members):
+                member.sam.grouped_perturbation(self.member_params[i], [e[n][i] for n in self.names])
+        # 3. one forward/backward at the P x k perturbed weight sets
+        leaves = {n: w.detach().requires_grad_() for n, w in self.weights.items()}
+        perturbed, x = self._low_precision({n: leaves[n].unsqueeze(1) + e[n] for n in self.names}, xg)
+        with self.passes.perturbed_pass():
+            # the devices' statistics go in either way (BatchNorm in eval mode, when finetuning, reads them)
+            logits = self._over_grid(self._logits, (0, 0, 0), (0, 0, 0))(perturbed, stats, x)
+        losses = self._member_losses(logits, yg)
+        self._backward(losses, leaves, scale)
+        with torch.no_grad():  # the L2 gradient at w + e_d, averaged over the devices: l2 * (w + mean_d e_d)
+            self._add_l2(self.grads, lambda n: self.weights[n] + e[n].mean(1), scale)
+        return losses.detach(), logits.detach()
+
+    # -- evaluation -----------------------------------------------------------------------------------
+    def forward_members(self, x: Tensor) -> Tensor:
+        """Every member's logits for one batch (n, ...) of examples, (P, n, C), BatchNorm in eval mode."""
+        weights, x = self._low_precision(dict(self.weights), to_layout(x, self.cfg.channels_last))
+        return vmap(self._logits, in_dims=(0, 0, None))(weights, self.buffers, x)
