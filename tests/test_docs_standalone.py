@@ -32,8 +32,8 @@ FORBIDDEN = {
 # A committed run directory records the paths that run actually used (its data root, its runs
 # root): those are facts of the run, not citations, and a log is never rewritten after the fact.
 RUN_RECORDS = {"config.yaml", "metrics.json", "metrics.jsonl", "sharpness.json", "train.log"}
-# A citation of a docs/paper.md section: `docs/paper.md#anchor` anywhere, `paper.md#anchor` in a
-# docs/ page's link, `(#anchor)` inside docs/paper.md itself.
+# A citation of a docs/paper.md section: `docs/paper.md#<anchor>` anywhere, `paper.md#<anchor>` in a
+# docs/ page's link, `(#<anchor>)` inside docs/paper.md itself.
 CITED_ANCHOR = re.compile(r"(?:docs/)?paper\.md#([\w-]+)")
 LOCAL_ANCHOR = re.compile(r"\]\(#([\w-]+)\)")
 # A number in a table cell; not the digits of a name such as "C10".
