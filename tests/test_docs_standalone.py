@@ -24,7 +24,7 @@ PAPER_DOC = ROOT / "docs" / "paper.md"
 FORBIDDEN = {
     "the paper-notes file outside the project (cite docs/paper.md)": re.compile(r"PAPER\.md"),
     "the design-notes file outside the project (cite docs/*.md)": re.compile(r"DESIGN\.md"),
-    "the design notes outside the project (cite docs/*.md)": re.compile(r"(?i)\bdesign (doc|note)"),
+    "notes on the design kept outside the project (cite docs/*.md)": re.compile(r"(?i)\bdesign (doc|note)"),
     "a folder beside the checkout": re.compile(r"\.\./shared"),
     "a folder of the development machine's shared notes": re.compile(r"\bshared/(reference|device|wheels|hooks)\b"),
     "a path on the development machine": re.compile(r"/work\/"),
