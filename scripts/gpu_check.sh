@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The GPU check, as ONE device call (about 8 minutes on an H100); run from the project root:
-#   bash ../shared/device/stage.sh        # here, once: fills .devcarry/ (wheels, JPEG CIFAR-10)
+#   here, once: put into .devcarry/ the Hydra/OmegaConf wheels the GPU image lacks, the JPEG CIFAR-10
+#   archive and a gpu_setup.sh that installs them offline and exports SAM_CIFAR10_JPEG (your machine's
+#   staging step: not part of this project)
 #   device run: source .devcarry/gpu_setup.sh && bash scripts/gpu_check.sh     (carry [".devcarry"])
 # Writes everything under $OUT (the device tool brings it back) or results/bench/gpu-<date>.
 # Then copy $OUT/*.jsonl into results/bench/ and the run logs under $OUT/runs into results/runs/.

@@ -5,7 +5,7 @@
 # seed 0 first, then further seeds while the time budget allows another whole seed. The data is the
 # JPEG CIFAR-10 copy: these are BUDGET rows (not the official data), and the run directories say so.
 #
-#   here, once:  bash ../shared/device/stage.sh
+#   here, once:  stage .devcarry/ as scripts/gpu_check.sh's header says (wheels, JPEG CIFAR-10, gpu_setup.sh)
 #   device call: source .devcarry/gpu_setup.sh && bash scripts/gpu_table4.sh         (carry [".devcarry"])
 #   CPU test:    SAM_CIFAR10_JPEG=/tmp/cifar10-jpeg OUT=/tmp/t4 bash scripts/gpu_table4.sh epochs=1 engine=cpu
 #

@@ -12,7 +12,8 @@ from tests.conftest import compose_config
 
 PRESETS = sorted(p.stem for p in (config_dir() / "experiment").glob("*.yaml"))
 
-# The paper's numbers (PAPER.md), restated here independently of the YAML files.
+# The paper's numbers (App. C, Tables 6-7; docs/paper.md#hyperparameters-per-setting), restated here
+# independently of the YAML files.
 PAPER_SETTINGS = {
     # preset: (dataset, model, lr, weight decay, rho, epochs)
     "t1_cifar10_wrn28_10_200ep": ("cifar10", "wrn28_10", 0.1, 5e-4, 0.05, 200),

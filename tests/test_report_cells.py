@@ -26,7 +26,7 @@ MUST_MATCH: dict[str, Any] = {
     "model": "resnet20",
     "augment": "autoaugment",
     "label_noise": 0.2,
-    "noise_kind": "asymmetric",  # Table 4 is symmetric noise (PAPER.md); only checked when noise > 0
+    "noise_kind": "asymmetric",  # Table 4 is symmetric noise (paper Table 4); only checked when noise > 0
     "optimizer": "sgd",
     "rho": 0.07,
     "p": "inf",

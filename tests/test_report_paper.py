@@ -1,5 +1,6 @@
-"""sam_repro.report.paper: the setting each paper cell expects, restated here from PAPER.md's
-hyperparameter table and recipes (not from paper.py's constants), and the commands that fill it."""
+"""sam_repro.report.paper: the setting each paper cell expects, restated here from the paper's
+hyperparameters and recipes (docs/paper.md#hyperparameters-per-setting; not from paper.py's
+constants), and the commands that fill it."""
 from __future__ import annotations
 
 import pandas as pd
@@ -7,7 +8,8 @@ import pytest
 
 from sam_repro.report.paper import Expected, expected, fill_command, normalize_model, paper_csv, paper_epochs, sweep_script
 
-# PAPER.md, "Hyperparameters": rho by (dataset, CSV model); Tables 2-3 use 0.05 on ImageNet.
+# The paper's App. C (docs/paper.md#hyperparameters-per-setting): rho by (dataset, CSV model);
+# Tables 2-3 use 0.05 on ImageNet.
 RHO_FROM_PAPER_MD = {
     ("cifar10", "wrn28_10"): 0.05, ("cifar100", "wrn28_10"): 0.1,
     ("cifar10", "shakeshake26_2x96d"): 0.02, ("cifar100", "shakeshake26_2x96d"): 0.05,
@@ -19,7 +21,7 @@ RHO_FROM_PAPER_MD = {
 
 
 def paper_md_setting(row: pd.Series) -> Expected:
-    """What PAPER.md says a run of this CSV row must be (our assumptions where it is silent, as the
+    """What the paper says a run of this CSV row must be (our assumptions where it is silent, as the
     table notes state them: 1800 epochs for Shake-Shake/PyramidNet in Table 1, 200 in Table 5)."""
     table, dataset, model, method = int(row["table"]), row["dataset"], row["model"], row["method"]
     sam = method == "sam"
@@ -110,5 +112,5 @@ def test_paper_epochs_say_which_numbers_are_our_assumption() -> None:
     assert paper_epochs(1, "wrn28_10", "200", "cifar10") == (200, False)  # printed in the paper
     assert paper_epochs(1, "pyramidnet", "", "cifar100") == (1800, True)  # the official recipe, assumed
     assert paper_epochs(5, "wrn28_10", "", "svhn") == (200, True)
-    assert paper_epochs(3, "efficientnet_l2", "", "imagenet") == (10, False)  # PAPER.md states 10
+    assert paper_epochs(3, "efficientnet_l2", "", "imagenet") == (10, False)  # the paper states 10 (App. C)
     assert paper_epochs(3, "efficientnet_l2", "", "flowers102") == (None, False)  # steps, not epochs

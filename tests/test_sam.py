@@ -395,9 +395,10 @@ def test_invalid_settings_are_refused() -> None:
 # ---- the API's documented defaults and edges (mutation-testing gaps) --------------------------
 
 def test_the_documented_defaults() -> None:
-    """DESIGN.md: SAM(params, base, rho=0.05, p=2, adaptive=False, eta=0.0, eps=1e-12, **base kwargs);
-    every group carries them (adaptive_scale=True: T = |w| + eta on every parameter), the logged norms
-    are None until the first step, and the base optimizer is built with the base kwargs."""
+    """docs/paper.md#the-optimizer-class: SAM(params, base, rho=0.05, p=2, adaptive=False, eta=0.0,
+    eps=1e-12, **base kwargs); every group carries them (adaptive_scale=True: T = |w| + eta on every
+    parameter), the logged norms are None until the first step, and the base optimizer is built with
+    the base kwargs."""
     net = make_net()
     opt = SAM(net.parameters(), torch.optim.SGD, lr=LR, momentum=MOMENTUM)
     assert opt.last_grad_norm is None and opt.last_perturbation_norm is None

@@ -4,9 +4,10 @@ SAM evaluates the loss twice per step, at w and at w + e. The official code (goo
 feeds both passes the same PRNG key, so dropout masks, Shake-Shake gates and the ShakeDrop alpha /
 beta coefficients are identical in both. The ShakeDrop keep/drop MASK is the exception: the
 official train.py swaps `jax.random.bernoulli` for a hardware generator that ignores its key, so
-the mask is drawn afresh in the perturbed pass (PAPER.md). In the first pass the shake layers also
-use the "true gradient" (the forward coefficient in the backward pass too), while normal training
-and SAM's second pass use an independent backward coefficient. Here that is one small mechanism:
+the mask is drawn afresh in the perturbed pass (docs/paper.md#random-layers-in-the-two-passes). In
+the first pass the shake layers also use the "true gradient" (the forward coefficient in the
+backward pass too), while normal training and SAM's second pass use an independent backward
+coefficient. Here that is one small mechanism:
 
 - Every stochastic layer draws all its random numbers inside `forward`, from torch's global
   generator on the input's device, and draws the same number of values whatever its mode. The

@@ -1,9 +1,9 @@
 """The paper's numbers and the exact setting behind each of its cells.
 
-`paper_tables.csv` beside this file is a byte-for-byte copy of `reference/paper_tables.csv`
-from the project's shared reference folder (the SAM paper's Tables 1-5, one row per cell:
-error in %, accuracy in % for Table 4). The settings (rho, epochs, batch size) come from the
-hyperparameter table of `reference/PAPER.md` (paper Tables 6, 7 and Appendix C).
+`paper_tables.csv` beside this file holds the SAM paper's Tables 1-5 as printed (arXiv
+2010.01412v3), one row per cell: error in %, accuracy in % for Table 4, with the paper's 95 %
+intervals and notes. The settings (rho, epochs, batch size) come from the paper's hyperparameters
+(Appendix C, Tables 6 and 7), restated per table in docs/paper.md#hyperparameters-per-setting.
 
 A run fills a paper cell only when every checked field equals the paper's (`Expected`); a field
 the paper does not state is `None` there and is not checked (the table notes say which).
@@ -22,16 +22,17 @@ import pandas as pd
 OUR_METHODS = ("sam", "sgd")
 # The CSV names the paper's plain PyramidNet `pyramidnet`; our registry calls it pyramidnet272.
 MODEL_NAMES = {"pyramidnet": "pyramidnet272"}
-# Epochs the paper leaves blank, set to what our presets (configs/experiment/) run. Table 1: the
-# 1800-epoch recipe of the official code's Shake-Shake and PyramidNet. Table 5: the 200-epoch
-# CIFAR WRN recipe for both models.
+# Epochs the paper leaves blank, set to what our presets (configs/experiment/) run. Table 1: 1800,
+# as the PyramidNet+ShakeDrop row. Table 5: the 200-epoch CIFAR WRN recipe for both models. Our
+# assumptions (docs/paper.md#what-the-presets-assume): the official code gives no epochs for them.
 ASSUMED_EPOCHS = {
     (1, "shakeshake26_2x96d"): 1800,
     (1, "pyramidnet"): 1800,
     (5, "wrn28_10"): 200,
     (5, "shakeshake26_2x96d"): 200,
 }
-# rho for SAM, PAPER.md's hyperparameter table, keyed by (dataset, CSV model).
+# rho for SAM, keyed by (dataset, CSV model): the paper's Appendix C (Tables 6-7), restated in
+# docs/paper.md#hyperparameters-per-setting.
 RHO = {
     ("cifar10", "wrn28_10"): 0.05, ("cifar100", "wrn28_10"): 0.1,
     ("cifar10", "shakeshake26_2x96d"): 0.02, ("cifar100", "shakeshake26_2x96d"): 0.05,
@@ -104,7 +105,7 @@ def paper_epochs(table: int, model: str, csv_epochs: str, dataset: str) -> tuple
     if (table, model) in ASSUMED_EPOCHS:
         return ASSUMED_EPOCHS[(table, model)], True
     if table == 3 and dataset == "imagenet":
-        return 10, False  # PAPER.md: ImageNet finetuning runs 10 epochs
+        return 10, False  # paper App. C: ImageNet finetuning runs 10 epochs (docs/paper.md#table-3-finetuning)
     return None, False
 
 

@@ -40,7 +40,8 @@ SPECS: dict[int, Spec] = {
     1: Spec("Table 1: CIFAR-10 and CIFAR-100, trained from scratch", "test error (%), lower is better",
             ("dataset", "model", "epochs", "augment"),
             ("Epochs marked * are not in the paper (it gives none for Shake-Shake and plain PyramidNet): "
-             "we expect 1800, the recipe our presets and the official code use.",
+             "we expect 1800, as the PyramidNet+ShakeDrop row; our presets run it "
+             "(docs/paper.md#what-the-presets-assume).",
              "SGD cells also accept runs with 2x the SAM epochs (the paper's baseline was allowed 2x "
              "epochs, best of the two reported); where both exist the better mean is shown and its "
              "epochs are named in the cell.")),
@@ -48,8 +49,9 @@ SPECS: dict[int, Spec] = {
             ("model", "epochs", "metric"),
             ("The augment label is not checked (the paper's Inception crop has no label among ours).",)),
     3: Spec("Table 3: finetuning (EfficientNet)", "top-1 error (%), lower is better", ("dataset", "model"),
-            ("rho is checked only for ImageNet (0.05), the one value PAPER.md states; B7 runs must "
-             "log train_steps 5000 and batch 1024 (ImageNet: 10 epochs); L2: batch 512, steps not checked.",
+            ("rho is checked only for ImageNet (0.05), the one value our sources give "
+             "(docs/paper.md#table-3-finetuning); B7 runs must log train_steps 5000 and batch 1024 "
+             "(ImageNet: 10 epochs); L2: batch 512, steps not checked.",
              "Augmentation: autoaugment on CIFAR, none elsewhere.")),
     4: Spec("Table 4: label noise (CIFAR-10, ResNet-32, 200 epochs)",
             "clean test accuracy (%), higher is better", ("label_noise",),
