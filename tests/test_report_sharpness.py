@@ -59,7 +59,7 @@ def test_sharpness_table_and_figure_from_run_directories(tmp_path: Path) -> None
     data = report.sharpness.data
     assert data.loc[data["method"] == "SGD", "lambda_max_mean"].item() == pytest.approx(40)
     again = generate(runs, tmp_path / "again")
-    for name in ("sharpness.md", "sharpness.csv", "README.md"):
+    for name in ("sharpness.md", "sharpness.csv", "README.md", figures[0].name):  # the PNG too: byte-stable
         assert (out / name).read_bytes() == (tmp_path / "again" / name).read_bytes()
     assert sharpness_table(report.loaded.runs.iloc[0:0])[0].display.empty
 
@@ -204,7 +204,7 @@ def test_sharpness_rows_one_row_per_real_run_with_a_file(tmp_path: Path) -> None
     runs = load_runs(root).runs
     rows = S.sharpness_rows(runs)
     assert list(rows.columns) == [
-        "figure_key", "optimizer", "rho", "seed", "run_dir", "abs_dir", "measured_on", "test_err", "lambda_max",
+        "figure_key", "optimizer", "rho", "seed", "run_dir", "abs_dir", "measured_on", "trained", "test_err", "lambda_max",
         "lambda_ratio", "trace", "m-sharpness m=16 rho=0.1", "m-sharpness m=128 rho=0.05",
         "m-sharpness m=16 rho=0.1 3-step", "m-sharpness m=16 rho=0.05 2-step"]
     assert list(rows["run_dir"]) == ["b_sam0", "c_sam1"]
@@ -244,7 +244,7 @@ def test_sharpness_rows_values_that_are_not_finite_numbers_are_nan(tmp_path: Pat
     assert list(rows["test_err"]) == [3.0, 4.0, 5.0]
     numbers = ["lambda_max", "lambda_ratio", "trace", "m-sharpness m=16 rho=0.05", "m-sharpness m=32 rho=0.05",
                "m-sharpness m=64 rho=0.05"]
-    assert list(rows.columns[7:]) == ["test_err", *numbers]
+    assert list(rows.columns[8:]) == ["test_err", *numbers]
     assert rows[numbers].isna().all().all()
 
 
@@ -302,24 +302,26 @@ def test_sharpness_table_display(tmp_path: Path) -> None:
     table, _ = S.sharpness_table(write_table_runs(tmp_path))
     assert (table.name, table.title, table.notes) == ("sharpness", "Sharpness of the minima", NOTES)
     m128, m16 = "m-sharpness m=128 rho=0.05", "m-sharpness m=16 rho=0.1"
-    assert list(table.display.columns) == ["setting", "method", "n", "measured on", "test error (%)", "lambda_max",
-                                           "lambda_max / lambda_5", "trace", m128, m16]
+    assert list(table.display.columns) == ["setting", "method", "trained", "n", "measured on", "test error (%)",
+                                           "lambda_max", "lambda_max / lambda_5", "trace", m128, m16]
     # Settings in order, then the measurement setup, then SGD, SAM, ASAM, anything else; never averaged across setups.
+    e200 = "200 epochs"  # write_run's runs: completed, 200 epochs configured and done
     assert table.display.values.tolist() == [
-        [C100, "SGD", "1", ON_512, "19", "30", "3", "200", "—", "—"],
-        [C10, "SAM rho=0.05", "1", ON_1024, "2.9", "21", "5.5", "155", "—", "0.11"],
-        [C10, "SGD", "3", ON_512, "3.5 ± 0.25", "42 ± 5", "8.5 ± 1.2", "300 ± 25", "—", "0.25 ± 0.12"],
-        [C10, "SAM rho=0.05", "2", ON_512, "2.675 ± 0.95", "21 ± 13", "5.5 ± 6.4", "155 ± 64", "0.07", "0.11 ± 0.13"],
-        [C10, "ASAM rho=0.5", "1", ON_512, "2.5", "15", "4", "120", "—", "—"],
-        [C10, "ADAM rho=0.05", "1", ON_512, "4", "50", "9", "400", "—", "—"],
+        [C100, "SGD", e200, "1", ON_512, "19", "30", "3", "200", "—", "—"],
+        [C10, "SAM rho=0.05", e200, "1", ON_1024, "2.9", "21", "5.5", "155", "—", "0.11"],
+        [C10, "SGD", e200, "3", ON_512, "3.5 ± 0.25", "42 ± 5", "8.5 ± 1.2", "300 ± 25", "—", "0.25 ± 0.12"],
+        [C10, "SAM rho=0.05", e200, "2", ON_512, "2.675 ± 0.95", "21 ± 13", "5.5 ± 6.4", "155 ± 64", "0.07", "0.11 ± 0.13"],
+        [C10, "ASAM rho=0.5", e200, "1", ON_512, "2.5", "15", "4", "120", "—", "—"],
+        [C10, "ADAM rho=0.05", e200, "1", ON_512, "4", "50", "9", "400", "—", "—"],
     ]
 
 
 def test_sharpness_table_data_and_rows(tmp_path: Path) -> None:
     table, rows = S.sharpness_table(write_table_runs(tmp_path))
     metrics = ["test_err", "lambda_max", "lambda_ratio", "trace", "m-sharpness m=128 rho=0.05", "m-sharpness m=16 rho=0.1"]
-    assert list(table.data.columns) == ["setting", "method", "n", "measured_on",
+    assert list(table.data.columns) == ["setting", "method", "trained", "n", "measured_on",
                                         *(f"{m}_{s}" for m in metrics for s in ("mean", "ci95"))]
+    assert set(table.data["trained"]) == {"200 epochs"}
     assert table.data[["setting", "method", "n", "measured_on"]].values.tolist() == [
         [C100, "SGD", 1, ON_512], [C10, "SAM rho=0.05", 1, ON_1024], [C10, "SGD", 3, ON_512],
         [C10, "SAM rho=0.05", 2, ON_512], [C10, "ASAM rho=0.5", 1, ON_512], [C10, "ADAM rho=0.05", 1, ON_512]]
@@ -357,9 +359,10 @@ def test_sharpness_table_one_method_without_rho_and_settings_sharing_a_stem(tmp_
     stem = {lr: f"{C10}_{hashlib.sha1(k.encode()).hexdigest()[:6]}" for lr, k in keys.items()}
     order = sorted([0.1, 0.2], key=lambda lr: stem[lr])
     by_lr = {0.1: ["2", "4.5 ± 6.4", "13 ± 13", "2.75 ± 3.2", "115 ± 64"], 0.2: ["1", "3", "10", "2", "100"]}
-    assert list(table.display.columns) == ["setting", "method", "n", "measured on", "test error (%)", "lambda_max",
-                                           "lambda_max / lambda_5", "trace"]
-    assert table.display.values.tolist() == [[stem[lr], "SGD", by_lr[lr][0], ON_512, *by_lr[lr][1:]] for lr in order]
+    assert list(table.display.columns) == ["setting", "method", "trained", "n", "measured on", "test error (%)",
+                                           "lambda_max", "lambda_max / lambda_5", "trace"]
+    assert table.display.values.tolist() == [[stem[lr], "SGD", "200 epochs", by_lr[lr][0], ON_512, *by_lr[lr][1:]]
+                                             for lr in order]
 
 
 # -- _contour_levels, landscape_figures, generate --------------------------------------------------
@@ -443,7 +446,7 @@ def test_landscape_figures_content(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     fig = figures[0]
     assert isinstance(fig.get_layout_engine(), ConstrainedLayoutEngine)
     assert tuple(fig.get_size_inches()) == pytest.approx((4.2 * 4, 3.8))  # 1D + two 2D slices + the interpolation
-    assert fig._suptitle.get_text() == f"{C10}: loss landscape (SGD vs SAM)"
+    assert fig._suptitle.get_text() == f"{C10}: loss landscape (SGD vs SAM), trained 200 epochs"
     one, sgd2d, sam2d, lin, cbar = fig.axes
     boxes = [ax.get_position() for ax in (one, sgd2d, sam2d, lin)]  # one row of panels, left to right
     assert len({round(b.y0, 6) for b in boxes}) == 1 and [b.x0 for b in boxes] == sorted(b.x0 for b in boxes)
@@ -523,7 +526,7 @@ def test_landscape_figures_1d_only_one_figure_per_setting(tmp_path: Path, monkey
     plot = S.landscape_figures(rows, tmp_path)
     assert plot.files == [tmp_path / f"sharpness_{C100}.png", tmp_path / f"sharpness_{C10}.png"]
     assert [fig._suptitle.get_text() for fig in figures] == [
-        f"{C100}: loss landscape (SGD vs SAM)", f"{C10}: loss landscape (SGD vs SAM)"]
+        f"{C100}: loss landscape (SGD vs SAM), trained 200 epochs", f"{C10}: loss landscape (SGD vs SAM), trained 200 epochs"]
     for fig, label, loss in zip(figures, ["SAM seed 0", "SGD seed 0"], [[5.0, 4.0, 6.0], [3.0, 1.0, 3.0]]):
         (ax,) = fig.axes
         assert tuple(fig.get_size_inches()) == pytest.approx((4.2, 3.8))

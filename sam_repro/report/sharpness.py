@@ -5,7 +5,9 @@ Per setting (every config field but the optimizer's) and method: the final test 
 lambda_max / lambda_5, the Hessian trace and the m-sharpness cells; mean ± 95% t-interval over
 seeds where there are several (one seed: the value alone). Runs measured differently (another
 subset, BatchNorm mode, weight-decay term or dtype) are never averaged together: the "measured
-on" column tells them apart. One figure per setting puts SGD and SAM side by side on one scale.
+on" column tells them apart; "trained" is the training the runs did (report/budget.py: steps,
+epochs and images where train_steps cut the configured epochs). One figure per setting puts SGD
+and SAM side by side on one scale.
 """
 from __future__ import annotations
 
@@ -63,7 +65,7 @@ def sharpness_rows(runs: pd.DataFrame) -> pd.DataFrame:
         setting = json.loads(r["setting_key"])
         row = {"figure_key": _without(r["setting_key"], OPTIMIZER_FIELDS), "optimizer": setting.get("optimizer"),
                "rho": setting.get("rho"), "seed": r["seed"], "run_dir": r["run_dir"], "abs_dir": r["abs_dir"],
-               "measured_on": _measured_on(doc.get("setup") or {}),
+               "measured_on": _measured_on(doc.get("setup") or {}), "trained": r.get("trained.label"),
                "test_err": _num(r.get("final.test_err")),
                "lambda_max": _num(_get(doc, "hessian", "lambda_max")),
                "lambda_ratio": _num(_get(doc, "hessian", "lambda_max_over_lambda_5")),
@@ -106,8 +108,9 @@ def sharpness_table(runs: pd.DataFrame) -> tuple[Table, pd.DataFrame]:
     for (setting, measured, _, opt, rho), g in rows.groupby(["setting", "measured_on", "_order", "optimizer", "rho"],
                                                             sort=True, dropna=False):
         label = opt.upper() if rho is None or (isinstance(rho, float) and math.isnan(rho)) else f"{opt.upper()} rho={rho:g}"
-        d = {"setting": setting, "method": label, "n": str(len(g)), "measured on": measured}
-        c = {"setting": setting, "method": label, "n": len(g), "measured_on": measured}
+        trained = " / ".join(sorted({str(t) for t in g["trained"]}))  # one label unless the data sizes differ
+        d = {"setting": setting, "method": label, "trained": trained, "n": str(len(g)), "measured on": measured}
+        c = {"setting": setting, "method": label, "trained": trained, "n": len(g), "measured_on": measured}
         for col, title in [*metrics, *((m, m) for m in msharp)]:
             vals = g[col] if col in g else pd.Series(dtype=float)
             d[title] = _fmt(vals)
@@ -194,7 +197,8 @@ def landscape_figures(rows: pd.DataFrame, out: Path) -> Plot:
             ax.legend(fontsize="small")
             long += [{"figure": name, "run_dir": r.run_dir, "optimizer": r.optimizer, "panel": "interpolation",
                       "x": t, "y": math.nan, "loss": v} for t, v in zip(s["t"], s["loss"])]
-        fig.suptitle(f"{setting}: loss landscape (SGD vs SAM)")
+        trained = " / ".join(sorted({str(r.trained) for r, _ in docs}))
+        fig.suptitle(f"{setting}: loss landscape (SGD vs SAM), trained {trained}")
         files.append(_save(fig, out / f"{name}.png"))
     return Plot(pd.DataFrame(long, columns=columns), files)
 
