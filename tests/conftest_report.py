@@ -176,8 +176,10 @@ def build_runs(root: Path) -> Path:
     return root
 
 
+# bad/running checkpointed 3 epochs of 50,000 // 256 = 195 steps each (the loader drops the partial batch)
+_RUNNING_STEPS = 3 * (50000 // 256)
 SKIPPED_REASONS = {
-    "bad/running": "status running (3 of 200 epochs)",
+    "bad/running": f"status running (3 of 200 epochs: {_RUNNING_STEPS:,} steps, {_RUNNING_STEPS * 256:,} images)",
     "bad/diverged": "status diverged",
     "bad/failed": "status failed: RuntimeError: CUDA out of memory",
     "bad/list": "not a JSON object (list)",

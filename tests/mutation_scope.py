@@ -48,7 +48,9 @@ SCOPE: dict[str, tuple[str, ...]] = {
     "sam_repro.report.paper": ("tests/test_report_paper.py", "tests/test_report_cells.py", "tests/test_report_tables.py"),
     "sam_repro.report.tables": ("tests/test_report_tables.py", "tests/test_report_cells.py"),
     "sam_repro.report.plots": ("tests/test_report_plots.py", "tests/test_report_plot_content.py"),
-    "sam_repro.report.sharpness": ("tests/test_report_sharpness.py",),
+    "sam_repro.report.sharpness": ("tests/test_report_sharpness.py", "tests/test_report_landscape.py"),
+    "sam_repro.report.landscape": ("tests/test_report_landscape.py",),
+    "sam_repro.report.budget": ("tests/test_report_budget.py", "tests/test_report_load.py"),
     "sam_repro.validate": ("tests/test_validate.py", "tests/test_configs.py"),
     "sam_repro.runlog": ("tests/test_runlog.py",),
 }

@@ -97,7 +97,7 @@ def test_cli_on_a_missing_runs_dir_and_with_fixture_runs(runs_root: Path, tmp_pa
     assert main(["--runs", str(runs_root), "--out", str(tmp_path / "u")]) == 0
     printed = capsys.readouterr().out
     assert "32 completed runs" in printed and "8 skipped" in printed
-    assert "skipped bad/running: status running (3 of 200 epochs)" in printed
+    assert f"skipped bad/running: {SKIPPED_REASONS['bad/running']}" in printed
     assert "table1: 3/60 paper cells filled" in printed
     kinds = pd.read_csv(tmp_path / "u" / "budget.csv")["kind"]
     assert 0 < (kinds == "synthetic").sum() < (kinds == "budget").sum()

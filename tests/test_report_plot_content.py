@@ -58,7 +58,7 @@ def test_learning_curve_lines_are_the_seed_means_and_the_bands_span_min_to_max(d
         for epoch, lo, hi in zip([1, 2, 3, 4], curves.min(axis=0), curves.max(axis=0)):
             ys = v[np.isclose(v[:, 0], epoch), 1]
             assert ys.min() == pytest.approx(lo) and ys.max() == pytest.approx(hi)
-    assert fig.axes[0].get_xlabel() == "epoch" and fig.axes[0].get_ylabel() == "test error (%)"
+    assert fig.axes[0].get_xlabel() == "epochs trained" and fig.axes[0].get_ylabel() == "test error (%)"
 
 
 def test_label_noise_figure_shows_the_papers_points_and_our_means_with_their_intervals(drawn) -> None:
@@ -131,13 +131,13 @@ def bar_lines(color: str, fmt_marker: str) -> list:  # an errorbar: its line, th
 
 FIGURES = {
     "curves_cifar10_wrn28_10_basic_200ep": {
-        **FRAME, "title": "cifar10_wrn28_10_basic_200ep", "xlabel": "epoch", "ylabel": "test error (%)",
+        **FRAME, "title": "cifar10_wrn28_10_basic_200ep", "xlabel": "epochs trained", "ylabel": "test error (%)",
         "xscale": "linear", "xticks": ["0", "1", "2", "3", "4", "5"],
         "legend": ["mean, min-max band over seeds", ["SAM rho=0.05 (n=3)", "SGD (n=5)"], SMALL],
         "lines": [curve_line("SAM rho=0.05 (n=3)", RED), curve_line("SGD (n=5)", BLUE)],
         "bands": [[RED + "33", 0.0], [BLUE + "33", 0.0]]},  # alpha 0.2, no edge
     "curves_cifar10_wrn28_10_basic_15ep": {  # three SAM rho values: red, then the spare colors in turn
-        **FRAME, "title": "cifar10_wrn28_10_basic_15ep", "xlabel": "epoch", "ylabel": "test error (%)",
+        **FRAME, "title": "cifar10_wrn28_10_basic_15ep", "xlabel": "epochs trained", "ylabel": "test error (%)",
         "xscale": "linear", "xticks": ["0", "1", "2", "3", "4", "5"],
         "legend": ["mean, min-max band over seeds", ["SAM rho=0.05 (n=2)", "SAM rho=0.1 (n=2)", "SAM rho=0.2 (n=1)",
                                                     "SGD (n=1)"], SMALL],

@@ -8,12 +8,9 @@ import math
 import shutil
 from pathlib import Path
 
-import matplotlib
 import numpy as np
 import pandas as pd
 import pytest
-from matplotlib.colors import to_rgba
-from matplotlib.layout_engine import ConstrainedLayoutEngine
 from scipy import stats
 from tests.conftest_report import write_run
 
@@ -59,7 +56,7 @@ def test_sharpness_table_and_figure_from_run_directories(tmp_path: Path) -> None
     data = report.sharpness.data
     assert data.loc[data["method"] == "SGD", "lambda_max_mean"].item() == pytest.approx(40)
     again = generate(runs, tmp_path / "again")
-    for name in ("sharpness.md", "sharpness.csv", "README.md"):
+    for name in ("sharpness.md", "sharpness.csv", "README.md", figures[0].name):  # the PNG too: byte-stable
         assert (out / name).read_bytes() == (tmp_path / "again" / name).read_bytes()
     assert sharpness_table(report.loaded.runs.iloc[0:0])[0].display.empty
 
@@ -204,7 +201,7 @@ def test_sharpness_rows_one_row_per_real_run_with_a_file(tmp_path: Path) -> None
     runs = load_runs(root).runs
     rows = S.sharpness_rows(runs)
     assert list(rows.columns) == [
-        "figure_key", "optimizer", "rho", "seed", "run_dir", "abs_dir", "measured_on", "test_err", "lambda_max",
+        "figure_key", "optimizer", "rho", "seed", "run_dir", "abs_dir", "measured_on", "trained", "test_err", "lambda_max",
         "lambda_ratio", "trace", "m-sharpness m=16 rho=0.1", "m-sharpness m=128 rho=0.05",
         "m-sharpness m=16 rho=0.1 3-step", "m-sharpness m=16 rho=0.05 2-step"]
     assert list(rows["run_dir"]) == ["b_sam0", "c_sam1"]
@@ -244,7 +241,7 @@ def test_sharpness_rows_values_that_are_not_finite_numbers_are_nan(tmp_path: Pat
     assert list(rows["test_err"]) == [3.0, 4.0, 5.0]
     numbers = ["lambda_max", "lambda_ratio", "trace", "m-sharpness m=16 rho=0.05", "m-sharpness m=32 rho=0.05",
                "m-sharpness m=64 rho=0.05"]
-    assert list(rows.columns[7:]) == ["test_err", *numbers]
+    assert list(rows.columns[8:]) == ["test_err", *numbers]
     assert rows[numbers].isna().all().all()
 
 
@@ -302,24 +299,26 @@ def test_sharpness_table_display(tmp_path: Path) -> None:
     table, _ = S.sharpness_table(write_table_runs(tmp_path))
     assert (table.name, table.title, table.notes) == ("sharpness", "Sharpness of the minima", NOTES)
     m128, m16 = "m-sharpness m=128 rho=0.05", "m-sharpness m=16 rho=0.1"
-    assert list(table.display.columns) == ["setting", "method", "n", "measured on", "test error (%)", "lambda_max",
-                                           "lambda_max / lambda_5", "trace", m128, m16]
+    assert list(table.display.columns) == ["setting", "method", "trained", "n", "measured on", "test error (%)",
+                                           "lambda_max", "lambda_max / lambda_5", "trace", m128, m16]
     # Settings in order, then the measurement setup, then SGD, SAM, ASAM, anything else; never averaged across setups.
+    e200 = "200 epochs"  # write_run's runs: completed, 200 epochs configured and done
     assert table.display.values.tolist() == [
-        [C100, "SGD", "1", ON_512, "19", "30", "3", "200", "—", "—"],
-        [C10, "SAM rho=0.05", "1", ON_1024, "2.9", "21", "5.5", "155", "—", "0.11"],
-        [C10, "SGD", "3", ON_512, "3.5 ± 0.25", "42 ± 5", "8.5 ± 1.2", "300 ± 25", "—", "0.25 ± 0.12"],
-        [C10, "SAM rho=0.05", "2", ON_512, "2.675 ± 0.95", "21 ± 13", "5.5 ± 6.4", "155 ± 64", "0.07", "0.11 ± 0.13"],
-        [C10, "ASAM rho=0.5", "1", ON_512, "2.5", "15", "4", "120", "—", "—"],
-        [C10, "ADAM rho=0.05", "1", ON_512, "4", "50", "9", "400", "—", "—"],
+        [C100, "SGD", e200, "1", ON_512, "19", "30", "3", "200", "—", "—"],
+        [C10, "SAM rho=0.05", e200, "1", ON_1024, "2.9", "21", "5.5", "155", "—", "0.11"],
+        [C10, "SGD", e200, "3", ON_512, "3.5 ± 0.25", "42 ± 5", "8.5 ± 1.2", "300 ± 25", "—", "0.25 ± 0.12"],
+        [C10, "SAM rho=0.05", e200, "2", ON_512, "2.675 ± 0.95", "21 ± 13", "5.5 ± 6.4", "155 ± 64", "0.07", "0.11 ± 0.13"],
+        [C10, "ASAM rho=0.5", e200, "1", ON_512, "2.5", "15", "4", "120", "—", "—"],
+        [C10, "ADAM rho=0.05", e200, "1", ON_512, "4", "50", "9", "400", "—", "—"],
     ]
 
 
 def test_sharpness_table_data_and_rows(tmp_path: Path) -> None:
     table, rows = S.sharpness_table(write_table_runs(tmp_path))
     metrics = ["test_err", "lambda_max", "lambda_ratio", "trace", "m-sharpness m=128 rho=0.05", "m-sharpness m=16 rho=0.1"]
-    assert list(table.data.columns) == ["setting", "method", "n", "measured_on",
+    assert list(table.data.columns) == ["setting", "method", "trained", "n", "measured_on",
                                         *(f"{m}_{s}" for m in metrics for s in ("mean", "ci95"))]
+    assert set(table.data["trained"]) == {"200 epochs"}
     assert table.data[["setting", "method", "n", "measured_on"]].values.tolist() == [
         [C100, "SGD", 1, ON_512], [C10, "SAM rho=0.05", 1, ON_1024], [C10, "SGD", 3, ON_512],
         [C10, "SAM rho=0.05", 2, ON_512], [C10, "ASAM rho=0.5", 1, ON_512], [C10, "ADAM rho=0.05", 1, ON_512]]
@@ -357,248 +356,7 @@ def test_sharpness_table_one_method_without_rho_and_settings_sharing_a_stem(tmp_
     stem = {lr: f"{C10}_{hashlib.sha1(k.encode()).hexdigest()[:6]}" for lr, k in keys.items()}
     order = sorted([0.1, 0.2], key=lambda lr: stem[lr])
     by_lr = {0.1: ["2", "4.5 ± 6.4", "13 ± 13", "2.75 ± 3.2", "115 ± 64"], 0.2: ["1", "3", "10", "2", "100"]}
-    assert list(table.display.columns) == ["setting", "method", "n", "measured on", "test error (%)", "lambda_max",
-                                           "lambda_max / lambda_5", "trace"]
-    assert table.display.values.tolist() == [[stem[lr], "SGD", by_lr[lr][0], ON_512, *by_lr[lr][1:]] for lr in order]
-
-
-# -- _contour_levels, landscape_figures, generate --------------------------------------------------
-
-def test_contour_levels_span_every_grid() -> None:
-    a = np.array([[1.0, np.nan], [2.0, 3.0]])
-    b = np.array([[np.nan, 7.5], [0.5, 4.0]])
-    np.testing.assert_array_equal(S._contour_levels([a, b]), np.linspace(0.5, 7.5, 16))
-    np.testing.assert_array_equal(S._contour_levels([b, a]), np.linspace(0.5, 7.5, 16))
-    np.testing.assert_array_equal(S._contour_levels([a]), np.linspace(1.0, 3.0, 16))
-    flat = S._contour_levels([np.full((2, 2), 2.0), np.array([[2.0, np.nan]])])
-    assert flat.tolist() == [2.0, 2.0 + 1e-9]  # one level band even on a flat landscape
-
-
-ALPHA, BETA = [-1.0, 0.0, 1.0], [-0.5, 0.5]
-
-
-def landscape(d1_loss: list[float], d2_loss: list[list[float]] | None = None) -> dict:
-    out = {"d1": {"alpha": ALPHA, "loss": d1_loss}}
-    if d2_loss is not None:
-        out["d2"] = {"alpha": ALPHA, "beta": BETA, "loss": d2_loss}
-    return out
-
-
-def capture_figures(monkeypatch: pytest.MonkeyPatch, save: bool = False) -> list:
-    """Record each figure landscape_figures saves (and write it only when `save`)."""
-    figures = []
-    real = S._save
-
-    def record(fig, path):
-        figures.append(fig)
-        return real(fig, path) if save else path
-
-    monkeypatch.setattr(S, "_save", record)
-    return figures
-
-
-def check_line(line, x, y, color, *, marker="o", ls="-", ms=3.0, label=None) -> None:
-    np.testing.assert_array_equal(np.asarray(line.get_xdata(), dtype=float), x)
-    np.testing.assert_array_equal(np.asarray(line.get_ydata(), dtype=float), y)
-    assert to_rgba(line.get_color()) == to_rgba(color)
-    assert (line.get_marker(), line.get_linestyle()) == (marker, ls)
-    if marker == "o":
-        assert line.get_markersize() == ms
-    if label is not None:
-        assert line.get_label() == label
-
-
-def legend(ax) -> list[str]:
-    texts = ax.get_legend().get_texts()
-    assert all(t.get_fontsize() == pytest.approx(8.33) for t in texts)  # "small" in the default style
-    return [t.get_text() for t in texts]
-
-
-def test_landscape_figures_content(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    root = tmp_path / "runs"
-    sgd_grid = [[0.0, 1.0], [2.0, 3.0], [4.0, 5.0]]
-    sam_grid = [[1, None], [2, 9], [3, 4]]  # JSON null: a point not measured
-    interp = {"t": [0.0, 0.5, 1.0], "loss": [0.5, 1.5, 0.6], "other": {"optimizer": "sam"}}
-    put(write_run(root, "z_sgd", test_err=3.0, optimizer="sgd"),
-        sdoc(40, 8, 300, landscape=landscape([2.0, 0.5, 2.5], sgd_grid), interpolation=interp))
-    put(write_run(root, "a_sam1", test_err=2.5, seed=1),
-        sdoc(20, 5, 150, landscape=landscape([1.5, 0.4, 1.6]),
-             interpolation={"t": [0.0, 1.0], "loss": [9.0, 9.0], "other": {"optimizer": "sgd"}}))
-    put(write_run(root, "b_sam0", test_err=2.6, seed=0), sdoc(21, 5, 155, landscape=landscape([1.4, 0.3, 1.7], sam_grid)))
-    put(write_run(root, "c_adam", test_err=4.0, optimizer="adam", seed=0),
-        sdoc(50, 9, 400, landscape=landscape([3.0, 1.0, 3.0])))
-    put(write_run(root, "d_sam2", test_err=2.7, seed=2), sdoc(22, 5, 156, landscape={"d1": {}}))  # no slice: not drawn
-    put(write_run(root, "e_sam3", test_err=2.8, seed=3), sdoc(23, 5, 157))  # no landscape: not drawn
-    # cifar100 sorts first and has no 1D slice: no figure for it, and cifar10's still comes.
-    put(write_run(root, "y_c100", test_err=19.0, optimizer="sgd", dataset="cifar100"),
-        sdoc(30, 3, 200, landscape={"d2": {"alpha": ALPHA, "beta": BETA, "loss": sgd_grid}}, interpolation=interp))
-    _, rows = S.sharpness_table(load_runs(root).runs)
-    figures = capture_figures(monkeypatch)  # drawn, not rendered: _save's PNG is tested on its own
-    out = tmp_path / "out"
-    out.mkdir()
-    with matplotlib.rc_context({"axes.facecolor": "yellow", "image.cmap": "plasma", "legend.fontsize": "large"}):
-        plot = S.landscape_figures(rows, out)
-    name = f"sharpness_{C10}"
-    assert plot.files == [out / f"{name}.png"] and len(figures) == 1
-    fig = figures[0]
-    assert isinstance(fig.get_layout_engine(), ConstrainedLayoutEngine)
-    assert tuple(fig.get_size_inches()) == pytest.approx((4.2 * 4, 3.8))  # 1D + two 2D slices + the interpolation
-    assert fig._suptitle.get_text() == f"{C10}: loss landscape (SGD vs SAM)"
-    one, sgd2d, sam2d, lin, cbar = fig.axes
-    boxes = [ax.get_position() for ax in (one, sgd2d, sam2d, lin)]  # one row of panels, left to right
-    assert len({round(b.y0, 6) for b in boxes}) == 1 and [b.x0 for b in boxes] == sorted(b.x0 for b in boxes)
-    assert to_rgba(one.get_facecolor()) == to_rgba("white")  # the default style, not the caller's rcParams
-    # 1D: every run with a slice, in method order (SGD, SAM, others), then seed.
-    assert (one.get_title(), one.get_xlabel(), one.get_ylabel()) == (
-        "1D slice", "alpha (filter-normalized direction)", "training loss (subset)")
-    lines = one.get_lines()
-    assert len(lines) == 4
-    check_line(lines[0], ALPHA, [2.0, 0.5, 2.5], "tab:blue", label="SGD seed 0")
-    check_line(lines[1], ALPHA, [1.4, 0.3, 1.7], "tab:red", label="SAM seed 0")
-    check_line(lines[2], ALPHA, [1.5, 0.4, 1.6], "tab:red", label="SAM seed 1")
-    check_line(lines[3], ALPHA, [3.0, 1.0, 3.0], "tab:gray", label="ADAM seed 0")
-    assert all(line.get_linewidth() == 1.5 for line in lines)
-    assert legend(one) == ["SGD seed 0", "SAM seed 0", "SAM seed 1", "ADAM seed 0"]
-    # 2D: one panel per run with a 2D slice, on shared contour levels.
-    levels = np.linspace(0.0, 9.0, 16)
-    for ax, title, grid in [(sgd2d, "2D slice: SGD seed 0", sgd_grid), (sam2d, "2D slice: SAM seed 0", sam_grid)]:
-        assert (ax.get_title(), ax.get_xlabel(), ax.get_ylabel(), ax.get_aspect()) == (title, "beta", "alpha", 1.0)
-        (cs,) = ax.collections
-        np.testing.assert_array_equal(cs.levels, levels)
-        assert cs.cmap.name == "viridis" and cs.filled
-        assert ax.get_xlim() == (-0.5, 0.5) and ax.get_ylim() == (-1.0, 1.0)  # x: beta, y: alpha
-        assert ax.get_lines() == [] and ax.get_legend() is None
-    assert sam2d.collections[0].colorbar.ax is cbar and sgd2d.collections[0].colorbar is None
-    assert cbar.get_ylabel() == "training loss (same scale)"
-    # Interpolation: the first run in method order that has one (SGD at t = 0, the other run at t = 1).
-    assert (lin.get_title(), lin.get_xlabel(), lin.get_ylabel()) == ("linear interpolation", "t", "training loss (subset)")
-    curve, v0, v1 = lin.get_lines()
-    check_line(curve, [0.0, 0.5, 1.0], [0.5, 1.5, 0.6], "black")
-    check_line(v0, [0, 0], [0, 1], "tab:blue", marker="None", ls="--", label="SGD (t=0)")
-    check_line(v1, [1, 1], [0, 1], "tab:red", marker="None", ls="--", label="SAM (t=1)")
-    assert v0.get_linewidth() == 1 and v1.get_linewidth() == 1 and curve.get_linewidth() == 1.5
-    assert legend(lin) == ["SGD (t=0)", "SAM (t=1)"]
-    # The numbers behind the figure.
-    nan = math.nan
-    want = [(name, "z_sgd", "sgd", "1d", a, nan, v) for a, v in zip(ALPHA, [2.0, 0.5, 2.5])]
-    want += [(name, "b_sam0", "sam", "1d", a, nan, v) for a, v in zip(ALPHA, [1.4, 0.3, 1.7])]
-    want += [(name, "a_sam1", "sam", "1d", a, nan, v) for a, v in zip(ALPHA, [1.5, 0.4, 1.6])]
-    want += [(name, "c_adam", "adam", "1d", a, nan, v) for a, v in zip(ALPHA, [3.0, 1.0, 3.0])]
-    for run, opt, grid in [("z_sgd", "sgd", sgd_grid), ("b_sam0", "sam", sam_grid)]:
-        want += [(name, run, opt, "2d", a, b, nan if grid[i][j] is None else grid[i][j])
-                 for i, a in enumerate(ALPHA) for j, b in enumerate(BETA)]
-    want += [(name, "z_sgd", "sgd", "interpolation", t, nan, v) for t, v in zip([0.0, 0.5, 1.0], [0.5, 1.5, 0.6])]
-    expected = pd.DataFrame(want, columns=["figure", "run_dir", "optimizer", "panel", "x", "y", "loss"])
-    pd.testing.assert_frame_equal(plot.data, expected, check_dtype=False)
-
-
-def test_landscape_figures_1d_and_interpolation_without_colors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    interp = {"t": [0.0, 1.0], "loss": [1.0, 2.0]}  # the other run not named
-    put(write_run(tmp_path, "a", test_err=4.0, optimizer="adam", seed=5),
-        sdoc(50, 9, 400, landscape=landscape([3.0, 1.0, 3.0]), interpolation=interp))
-    put(write_run(tmp_path, "b", test_err=4.0, optimizer="adam", seed=6),
-        sdoc(50, 9, 400, landscape=landscape([3.0, 2.0, 3.0]), interpolation={"t": [], "loss": []}))
-    _, rows = S.sharpness_table(load_runs(tmp_path).runs)
-    figures = capture_figures(monkeypatch)
-    plot = S.landscape_figures(rows, tmp_path)
-    assert plot.files == [tmp_path / f"sharpness_{C10}.png"]
-    (fig,) = figures
-    assert tuple(fig.get_size_inches()) == pytest.approx((4.2 * 2, 3.8))
-    one, lin = fig.axes  # no 2D panel, no colorbar
-    assert [line.get_label() for line in one.get_lines()] == ["ADAM seed 5", "ADAM seed 6"]
-    curve, v0, v1 = lin.get_lines()
-    check_line(curve, [0.0, 1.0], [1.0, 2.0], "black")
-    check_line(v0, [0, 0], [0, 1], "gray", marker="None", ls="--", label="ADAM (t=0)")
-    check_line(v1, [1, 1], [0, 1], "gray", marker="None", ls="--", label="NONE (t=1)")
-    assert list(plot.data["panel"]) == ["1d"] * 6 + ["interpolation"] * 2
-    assert list(plot.data["run_dir"]) == ["a"] * 3 + ["b"] * 3 + ["a"] * 2
-
-
-def test_landscape_figures_1d_only_one_figure_per_setting(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    # In method order cifar10's SGD run comes first; the figures still come in the settings' order.
-    put(write_run(tmp_path, "a", test_err=4.0, optimizer="sgd"), sdoc(50, 9, 400, landscape=landscape([3.0, 1.0, 3.0])))
-    put(write_run(tmp_path, "b", test_err=4.0, dataset="cifar100"), sdoc(50, 9, 400, landscape=landscape([5.0, 4.0, 6.0])))
-    _, rows = S.sharpness_table(load_runs(tmp_path).runs)
-    figures = capture_figures(monkeypatch)
-    plot = S.landscape_figures(rows, tmp_path)
-    assert plot.files == [tmp_path / f"sharpness_{C100}.png", tmp_path / f"sharpness_{C10}.png"]
-    assert [fig._suptitle.get_text() for fig in figures] == [
-        f"{C100}: loss landscape (SGD vs SAM)", f"{C10}: loss landscape (SGD vs SAM)"]
-    for fig, label, loss in zip(figures, ["SAM seed 0", "SGD seed 0"], [[5.0, 4.0, 6.0], [3.0, 1.0, 3.0]]):
-        (ax,) = fig.axes
-        assert tuple(fig.get_size_inches()) == pytest.approx((4.2, 3.8))
-        assert legend(ax) == [label] and ax.get_lines()[0].get_ydata().tolist() == loss
-    assert list(plot.data.columns) == ["figure", "run_dir", "optimizer", "panel", "x", "y", "loss"]
-    assert plot.data[["figure", "run_dir", "optimizer", "panel"]].drop_duplicates().values.tolist() == [
-        [f"sharpness_{C100}", "b", "sam", "1d"], [f"sharpness_{C10}", "a", "sgd", "1d"]]
-    assert plot.data["x"].tolist() == ALPHA * 2 and plot.data["loss"].tolist() == [5.0, 4.0, 6.0, 3.0, 1.0, 3.0]
-    assert plot.data["y"].isna().all()
-
-
-def test_landscape_figures_without_rows_or_slices(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    figures = capture_figures(monkeypatch)
-    plot = S.landscape_figures(pd.DataFrame(), tmp_path)
-    assert plot.files == [] and plot.data.empty
-    assert list(plot.data.columns) == ["figure", "run_dir", "optimizer", "panel", "x", "y", "loss"]
-    put(write_run(tmp_path / "runs", "a", test_err=4.0), sdoc(50, 9, 400))
-    _, rows = S.sharpness_table(load_runs(tmp_path / "runs").runs)
-    plot = S.landscape_figures(rows, tmp_path)
-    assert plot.files == [] and plot.data.empty and figures == []
-    assert list(plot.data.columns) == ["figure", "run_dir", "optimizer", "panel", "x", "y", "loss"]
-
-
-def test_generate_replaces_stale_figures_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    out = tmp_path / "out"
-    out.mkdir()
-    for stale in ("sharpness_old.png", "sharpness_x_y.png"):
-        (out / stale).write_bytes(b"old")
-    for keep in ("sharpness.png", "sharpness.md", "sharpness_old.csv", "curves_a.png", "xsharpness_a.png"):
-        (out / keep).write_bytes(b"keep")
-    root = tmp_path / "runs"
-    put(write_run(root, "a", test_err=4.0, optimizer="sgd"), sdoc(50, 9, 400, landscape=landscape([3.0, 1.0, 3.0])))
-    write_run(root, "b", test_err=4.0)
-    figures = capture_figures(monkeypatch, save=True)
-    table, plot = S.generate(load_runs(root).runs, out)
-    assert table.display[["setting", "method", "n", "lambda_max"]].values.tolist() == [[C10, "SGD", "1", "50"]]
-    assert plot.files == [out / f"sharpness_{C10}.png"] and len(figures) == 1
-    assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["sharpness.png", "sharpness.md", "sharpness_old.csv", "curves_a.png", "xsharpness_a.png", f"sharpness_{C10}.png"])
-    assert all((out / k).read_bytes() == b"keep" for k in ("sharpness.png", "sharpness.md", "curves_a.png"))
-    # Nothing measured any more: the old figure goes too.
-    (root / "a" / "sharpness.json").unlink()
-    table, plot = S.generate(load_runs(root).runs, out)
-    assert table.display.empty and plot.files == [] and not (out / f"sharpness_{C10}.png").exists()
-
-
-def test_malformed_sections_are_left_out_and_never_crash_the_report(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A run directory cannot crash the report: a malformed m-sharpness cell or landscape section is
-    left out, the rest of that run's document is still shown."""
-    figures = capture_figures(monkeypatch)
-    runs = tmp_path / "runs"
-    good_d1 = {"alpha": [-1.0, 0.0, 1.0], "loss": [2.0, 1.0, 2.0]}
-    bad_cells = [cell(16, None, 0.1), "not a cell", cell(16, "0.05", 0.2), cell(32, 0.05, 0.3)]
-    put(write_run(runs, "a", test_err=4.0, seed=0), sdoc(50, 9, 400, bad_cells, landscape={
-        "d1": good_d1, "d2": {"alpha": [0.0, 1.0], "beta": [0.0, 1.0], "loss": [[1.0, 2.0], [3.0]]}},
-        interpolation={"t": [0.0, 1.0], "loss": [1.0]}))
-    put(write_run(runs, "b", test_err=4.0, seed=1), sdoc(50, 9, 400, landscape={"d1": {"alpha": [0.0], "loss": None}}))
-    rows = S.sharpness_rows(load_runs(runs).runs)
-    assert [c for c in rows.columns if c.startswith("m-sharpness")] == ["m-sharpness m=32 rho=0.05"]
-    table, rows = S.sharpness_table(load_runs(runs).runs)
-    plot = S.landscape_figures(rows, tmp_path)
-    assert len(figures) == 1 and len(figures[0].axes) == 1  # the 1D slice of run a only: no 2D, no interpolation
-    assert set(plot.data["panel"]) == {"1d"} and set(plot.data["run_dir"]) == {"a"}
-    assert S._grid({"alpha": [0.0], "beta": [0.0, 1.0], "loss": [[1.0, None]]})  # a null point is drawn as a gap
-    assert not S._grid({"alpha": [0.0], "beta": [0.0], "loss": [["x"]]})
-    assert not S._curve({"alpha": [], "loss": []}, "alpha")
-
-
-def test_a_drawable_section_holds_lists_of_matching_lengths() -> None:
-    """`_curve`/`_grid` decide what landscape_figures draws: JSON lists only, one point is enough."""
-    assert S._curve({"alpha": [0.0], "loss": [1.0]}, "alpha")  # a single point is still a curve
-    assert not S._curve({"alpha": [0.0, 1.0], "loss": [1.0]}, "alpha")
-    assert not S._curve({"alpha": "01", "loss": [1.0, 2.0]}, "alpha")
-    grid = {"alpha": [0.0, 1.0], "beta": [0.0, 1.0], "loss": [[1.0, 2.0], [3.0, 4.0]]}
-    assert S._grid(grid)
-    for key, bad in (("alpha", "01"), ("beta", "01"), ("alpha", []), ("beta", [])):
-        assert not S._grid({**grid, key: bad}), (key, bad)  # a string has a length, but it is not a list of values
-    assert not S._grid({**grid, "loss": [[1.0, 2.0]]})
+    assert list(table.display.columns) == ["setting", "method", "trained", "n", "measured on", "test error (%)",
+                                           "lambda_max", "lambda_max / lambda_5", "trace"]
+    assert table.display.values.tolist() == [[stem[lr], "SGD", "200 epochs", by_lr[lr][0], ON_512, *by_lr[lr][1:]]
+                                             for lr in order]

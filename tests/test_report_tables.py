@@ -115,10 +115,10 @@ def test_budget_runs_are_listed_with_their_differences_and_never_merged(tabled) 
     folder = row(b, **{"data.source": "folder"})
     assert folder["differences"] == "data folder (paper torchvision)"
     assert (folder["n"], folder["mean"], folder["paper"]) == (1, 3.10, 2.7)
-    short = row(b, epochs=15, rho=0.05, optimizer="sam")
+    short = row(b, epochs_trained=15, rho=0.05, optimizer="sam")
     assert short["differences"] == "epochs 15 (paper 200)"
-    assert row(b, epochs=15, rho=0.1, optimizer="sam")["differences"] == "rho 0.1 (paper 0.05); epochs 15 (paper 200)"
-    assert row(b, epochs=15, optimizer="sgd")["differences"] == "epochs 15 (paper 200 or 400)"
+    assert row(b, epochs_trained=15, rho=0.1, optimizer="sam")["differences"] == "rho 0.1 (paper 0.05); epochs 15 (paper 200)"
+    assert row(b, epochs_trained=15, optimizer="sgd")["differences"] == "epochs 15 (paper 200 or 400)"
     assert row(b, label_noise=0.8)["differences"] == "rho 0.1 (paper 0.05)"
     md = tabled.markdown("budget")
     assert "| epochs 15 (paper 200) " in md and "data folder (paper torchvision)" in md
@@ -328,14 +328,14 @@ def test_budget_rows_sort_numbers_as_numbers_and_nulls_after_them() -> None:
     from sam_repro.report.tables import BUDGET_FIELDS, _sort_key
 
     base = {"dataset": "cifar10", "model": "resnet20", "augment": "basic", "label_noise": 0.0, "optimizer": "sam",
-            "rho": 0.05, "epochs": 15, "batch_size": 128, "data.source": "folder"}
-    settings = [{**base, "epochs": 15}, {**base, "epochs": 9}, {**base, "rho": None, "optimizer": "sgd"},
-                {**base, "dataset": "cifar100"}, {**base, "epochs": True}]
+            "rho": 0.05, "trained": 15, "batch_size": 128, "data.source": "folder"}  # trained: the epochs done
+    settings = [{**base, "trained": 15}, {**base, "trained": 9}, {**base, "rho": None, "optimizer": "sgd"},
+                {**base, "dataset": "cifar100"}, {**base, "trained": True}, {**base, "trained": 0.38}]
     order = sorted(settings, key=_sort_key)
-    assert [(s["dataset"], s["epochs"], s["rho"]) for s in order] == [
-        ("cifar10", 9, 0.05), ("cifar10", 15, 0.05), ("cifar10", True, 0.05),  # 9 < 15 as numbers ("15" < "9"
-        ("cifar10", 15, None), ("cifar100", 15, 0.05)]  # as text); a bool and a null sort as text, after numbers
-    assert _sort_key(base)[BUDGET_FIELDS.index("epochs")] == (0, 15, "")
+    assert [(s["dataset"], s["trained"], s["rho"]) for s in order] == [
+        ("cifar10", 0.38, 0.05), ("cifar10", 9, 0.05), ("cifar10", 15, 0.05), ("cifar10", True, 0.05),  # 9 < 15 as
+        ("cifar10", 15, None), ("cifar100", 15, 0.05)]  # numbers ("15" < "9" as text); a bool and a null sort as text, after numbers
+    assert _sort_key(base)[BUDGET_FIELDS.index("trained")] == (0, 15, "")
     assert _sort_key({})[0] == (1, 0, "None")
 
 
@@ -343,25 +343,30 @@ def test_budget_table_rows_columns_and_order(tabled) -> None:
     b = tabled.budget
     h100, rtx = "NVIDIA H100 80GB HBM3 @ abc", "NVIDIA GeForce RTX 4090 @ abc"
     wrn15 = ["cifar10", "wrn28_10", "basic", "0.0"]
-    assert list(b.display.columns) == ["dataset", "model", "augment", "label_noise", "optimizer", "rho", "epochs",
+    assert list(b.display.columns) == ["dataset", "model", "augment", "label_noise", "optimizer", "rho", "trained",
                                        "batch_size", "data.source", "metric", "ours", "paper (nearest cell)",
                                        "differences from the paper", "ran on (device @ git sha)"]
     assert b.display.values.tolist() == [  # sorted by dataset, model, augment, noise, optimizer, rho, epochs, ...
-        ["cifar10", "resnet32", "basic", "0.8", "sam", "0.1", "200", "256", "torchvision", "top1_acc",
+        ["cifar10", "resnet32", "basic", "0.8", "sam", "0.1", "200 epochs", "256", "torchvision", "top1_acc",
          ours_cell([100 - 30.0]), "Table 4 SAM: 77.9", "rho 0.1 (paper 0.05)", h100],
-        [*wrn15, "sam", "0.05", "15", "256", "torchvision", "top1_err", ours_cell(FIX["budget_15ep"][0.05]),
+        [*wrn15, "sam", "0.05", "15 epochs", "256", "torchvision", "top1_err", ours_cell(FIX["budget_15ep"][0.05]),
          "Table 1 SAM: 2.7 ± 0.1", "epochs 15 (paper 200)", rtx],
-        [*wrn15, "sam", "0.05", "200", "256", "folder", "top1_err", ours_cell(FIX["budget_folder"]),
+        [*wrn15, "sam", "0.05", "200 epochs", "256", "folder", "top1_err", ours_cell(FIX["budget_folder"]),
          "Table 1 SAM: 2.7 ± 0.1", "data folder (paper torchvision)", h100],
-        [*wrn15, "sam", "0.1", "15", "256", "torchvision", "top1_err", ours_cell(FIX["budget_15ep"][0.1]),
+        [*wrn15, "sam", "0.1", "15 epochs", "256", "torchvision", "top1_err", ours_cell(FIX["budget_15ep"][0.1]),
          "Table 1 SAM: 2.7 ± 0.1", "rho 0.1 (paper 0.05); epochs 15 (paper 200)", rtx],
-        [*wrn15, "sam", "0.2", "15", "256", "torchvision", "top1_err", ours_cell(FIX["budget_15ep"][0.2]),
+        [*wrn15, "sam", "0.2", "15 epochs", "256", "torchvision", "top1_err", ours_cell(FIX["budget_15ep"][0.2]),
          "Table 1 SAM: 2.7 ± 0.1", "rho 0.2 (paper 0.05); epochs 15 (paper 200)", rtx],
-        [*wrn15, "sgd", "—", "15", "256", "torchvision", "top1_err", ours_cell(FIX["budget_15ep_sgd"]),
+        [*wrn15, "sgd", "—", "15 epochs", "256", "torchvision", "top1_err", ours_cell(FIX["budget_15ep_sgd"]),
          "Table 1 SGD: 3.5 ± 0.1", "epochs 15 (paper 200 or 400)", rtx]]
-    assert list(b.data.columns) == ["kind", "dataset", "model", "augment", "label_noise", "optimizer", "rho", "epochs",
-                                    "batch_size", "data.source", "metric", "n", "mean", "ci95", "paper_table", "paper",
-                                    "differences", "ran_on"]
+    assert list(b.data.columns) == ["kind", "dataset", "model", "augment", "label_noise", "optimizer", "rho",
+                                    "epochs_trained", "steps", "images", "batch_size", "data.source", "metric", "n",
+                                    "mean", "ci95", "paper_table", "paper", "differences", "ran_on"]
+    # the training done, counted here: epochs x (50,000 // 256 = 195 steps of 256 images); synthetic: 2 epochs
+    epochs = [200, 2, 15, 200, 15, 15, 15]
+    assert b.data["epochs_trained"].tolist() == epochs
+    assert b.data["steps"].tolist() == [e * 195 for e in epochs]
+    assert b.data["images"].tolist() == [e * 195 * 256 for e in epochs]
     assert b.data["kind"].tolist() == ["budget", "synthetic", "budget", "budget", "budget", "budget", "budget"]
     assert b.data["paper_table"].tolist() == ["4", "", "1", "1", "1", "1", "1"]
     assert b.data["paper"].tolist()[:1] + b.data["paper"].tolist()[2:] == [77.9, 2.7, 2.7, 2.7, 2.7, 3.5]
@@ -379,7 +384,7 @@ def test_budget_table_rows_columns_and_order(tabled) -> None:
     assert (synth_row["metric"], synth_row["n"], synth_row["mean"], synth_row["differences"]) == ("top1_err", 1, 50.0, "")
     heading, synth = b.sections[0]
     assert heading == "Synthetic-data runs (pipeline checks, not results)"
-    assert synth.values.tolist() == [["cifar10", "wrn28_10", "basic", "0.0", "sam", "0.05", "2", "256", "synthetic", "1",
+    assert synth.values.tolist() == [["cifar10", "wrn28_10", "basic", "0.0", "sam", "0.05", "2 epochs", "256", "synthetic", "1",
                                       "50.00 (n=1)", "synthetic data: a pipeline check, not a result"]]
     assert list(synth.columns)[-3:] == ["n", "final test error (%)", "what"]
 
@@ -397,7 +402,10 @@ def test_a_run_with_no_paper_cell_is_listed_without_a_nearest_cell(tmp_path: Pat
     assert b.data["paper_table"].tolist() == [""] and math.isnan(b.data["paper"].iloc[0])
     assert b.notes == ["Runs outside the paper's setting (fewer epochs, another rho, the JPEG folder copy of a dataset, "
                        "...). They are never merged into the paper tables; each row says how it differs from the "
-                       "nearest paper cell. Ours: mean ± 95% CI over seeds (Student t)."]
+                       "nearest paper cell. Ours: mean ± 95% CI over seeds (Student t).",
+                       "Trained: the training the runs did, from their metrics.json. Where `train_steps` or an "
+                       "interruption cut the configured epochs: the epochs done (fractional), the optimizer steps "
+                       "and the training images seen (steps x batch; one epoch is train_size // batch steps)."]
     assert b.sections == [] and (b.name, b.title) == ("budget", "Budget / non-paper runs")
 
 
@@ -503,8 +511,8 @@ def test_budget_table_of_no_runs_keeps_its_columns(cells) -> None:
 
     runs = load_runs(Path("/nonexistent/runs")).runs
     b = budget_table(runs, cells, {})
-    assert list(b.data.columns) == ["kind", "dataset", "model", "augment", "label_noise", "optimizer", "rho", "epochs",
-                                    "batch_size", "data.source", "metric", "n", "mean", "ci95", "paper_table", "paper",
-                                    "differences", "ran_on"]
+    assert list(b.data.columns) == ["kind", "dataset", "model", "augment", "label_noise", "optimizer", "rho",
+                                    "epochs_trained", "steps", "images", "batch_size", "data.source", "metric", "n",
+                                    "mean", "ci95", "paper_table", "paper", "differences", "ran_on"]
     assert b.data.empty and b.display.empty
 

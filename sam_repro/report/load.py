@@ -15,11 +15,13 @@ from typing import Any
 
 import pandas as pd
 
+from sam_repro.report import budget
+
 REQUIRED_CONFIG = ("dataset", "model", "augment", "optimizer", "epochs", "batch_size", "seed")
 SKIPPED_COLUMNS = ["run_dir", "status", "reason"]
 # The columns an empty `runs` frame still has, so that callers need no special case.
 RUN_COLUMNS = ["run_dir", "abs_dir", "status", "setting_key", "run_key", *REQUIRED_CONFIG,
-               "final.test_err", "final.test_acc", "env.device", "data.source"]
+               "final.test_err", "final.test_acc", "env.device", "data.source", *budget.COLUMNS]
 # Sorts runs without a parsable updated_at before every real one (oldest).
 _NO_TIME = datetime.min.replace(tzinfo=timezone.utc)
 
@@ -75,8 +77,8 @@ def _parse(doc: Any) -> dict[str, Any]:
         raise _Skip("missing key 'status'")
     if status != "completed":
         reason = f"status {status}"
-        if status == "running":
-            reason += f" ({doc.get('epochs_done')} of {(doc.get('config') or {}).get('epochs')} epochs)"
+        if status == "running":  # interrupted or killed: how far it got
+            reason += f" ({budget.budget_of(doc).progress()})"
         if doc.get("error"):
             reason += f": {doc['error']}"
         raise _Skip(reason, str(status))
@@ -113,6 +115,8 @@ def _parse(doc: Any) -> dict[str, Any]:
     for name in ("final", "best", "env", "data"):
         block = final if name == "final" else doc.get(name)
         row.update(_flatten(block if isinstance(block, dict) else {}, name))
+    # the training done (config.epochs is only what was configured: train_steps may cut it)
+    row.update(budget.columns(budget.budget_of(doc)))
     return row
 
 

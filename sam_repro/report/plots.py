@@ -20,6 +20,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from matplotlib.ticker import FixedFormatter, FixedLocator, MaxNLocator, NullLocator
 
+from sam_repro.report.budget import epochs_at, file_part
 from sam_repro.report.load import load_curve
 from sam_repro.report.tables import Table, t_interval
 
@@ -29,6 +30,7 @@ COLORS = {"sgd": "tab:blue", "sam": "tab:red", "asam": "tab:green"}
 MORE_COLORS = ("tab:orange", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan", "tab:gray")
 # Fields that tell SAM and SGD apart within one setting (SGD logs them as null).
 OPTIMIZER_FIELDS = ("optimizer", "rho", "p", "adaptive", "m", "bn_stats")  # SAM-only fields: null for SGD
+MARKED_POINTS = 1  # a learning curve of this many logged points marks them (one point draws no line)
 
 
 @dataclass
@@ -58,9 +60,10 @@ def _real_runs(runs: pd.DataFrame) -> pd.DataFrame:
 
 
 def _stem(setting: dict[str, Any]) -> str:
-    """A readable file stem for a setting: cifar10_wrn28_10_basic_200ep[_noise20][_bs128][_folder]."""
+    """A readable file stem for a setting: cifar10_wrn28_10_basic_200ep[_noise20][_bs128][_folder]
+    (a run counted in steps: _150steps, its training done, in place of _200ep)."""
     model = str(setting.get("model")).replace("/", "-")
-    stem = f"{setting.get('dataset')}_{model}_{setting.get('augment')}_{setting.get('epochs')}ep"
+    stem = f"{setting.get('dataset')}_{model}_{setting.get('augment')}_{file_part(setting)}"
     noise = setting.get("label_noise") or 0.0
     if noise:
         stem += f"_noise{round(noise * 100)}"
@@ -84,25 +87,42 @@ def _without(key: str, fields: tuple[str, ...]) -> str:
     return json.dumps({k: v for k, v in setting.items() if k not in fields}, sort_keys=True)
 
 
+def trained_note(runs: pd.DataFrame) -> str:
+    """'' when the runs trained their configured epochs (the file stem says it); else the training
+    done, for a title: 'trained 0.38 epochs (150 steps, 19,200 images)'."""
+    if "trained.label" not in runs or runs["trained.on_schedule"].astype(bool).all():
+        return ""
+    return "trained " + " / ".join(sorted(set(runs["trained.label"])))
+
+
+def _titled(name: str, note: str) -> str:
+    return f"{name}\n{note}" if note else name
+
+
 def _line_label(setting: dict[str, Any]) -> str:
     opt = str(setting.get("optimizer"))
     return opt.upper() if setting.get("rho") is None else f"{opt.upper()} rho={setting['rho']:g}"
 
 
 def learning_curves(runs: pd.DataFrame, out: Path) -> Plot:
-    """Test error vs epoch, one figure per setting, SAM and SGD overlaid: mean over seeds and
-    a min-max band. Returns one row per (figure, line, epoch): mean, min, max, n."""
+    """Test error vs epochs trained, one figure per setting, SAM and SGD overlaid: mean over seeds
+    and a min-max band. Returns one row per (figure, line, epoch): mean, min, max, n; `epoch` is
+    the epochs done at that logged row (a fraction where train_steps ended inside an epoch)."""
     runs = _real_runs(runs)
-    rows = []
-    for r in runs.itertuples():
-        curve = load_curve(r.abs_dir)
+    rows, runs_of = [], {}  # runs_of: figure key -> the runs drawn in it (their titles say what they trained)
+    for _, r in runs.iterrows():  # iterrows: the trained.* columns keep their names
+        curve = load_curve(r["abs_dir"])
         if curve.empty:
             continue
-        setting = json.loads(r.setting_key)
+        setting = json.loads(r["setting_key"])
+        key = _without(r["setting_key"], OPTIMIZER_FIELDS)
+        runs_of.setdefault(key, []).append(r)
         for epoch, err in zip(curve["epoch"], curve["test_err"]):
-            rows.append({"figure_key": _without(r.setting_key, OPTIMIZER_FIELDS),
-                         "optimizer": setting.get("optimizer"), "rho": setting.get("rho"),
-                         "line": _line_label(setting), "epoch": int(epoch), "test_err": float(err)})
+            # the x of a logged row is the epochs done by then: the last epoch of a train_steps run is partial
+            rows.append({"figure_key": key, "optimizer": setting.get("optimizer"), "rho": setting.get("rho"),
+                         "line": _line_label(setting),
+                         "epoch": epochs_at(epoch, r.get("trained.steps_per_epoch"), r.get("trained.steps")),
+                         "test_err": float(err)})
     columns = ["figure", "optimizer", "rho", "line", "epoch", "mean", "min", "max", "n"]
     if not rows:
         return Plot(pd.DataFrame(columns=columns))
@@ -113,6 +133,7 @@ def learning_curves(runs: pd.DataFrame, out: Path) -> Plot:
            .agg(optimizer=("optimizer", "first"), rho=("rho", "first"), mean=("test_err", "mean"),
                 min=("test_err", "min"), max=("test_err", "max"), n=("test_err", "size"))
            .reset_index()[columns])
+    by_figure = {("curves_" + stems[k]): pd.DataFrame(v) for k, v in runs_of.items()}
     files = []
     for name, fig_data in agg.groupby("figure", sort=True):
         fig, ax = _new_figure()
@@ -122,10 +143,14 @@ def learning_curves(runs: pd.DataFrame, out: Path) -> Plot:
             opt = str(d["optimizer"].iloc[0])
             color = COLORS.get(opt) if opt not in used else next(spare)
             used.add(opt)
-            ax.plot(d["epoch"], d["mean"], label=f"{line} (n={int(d['n'].max())})", color=color, lw=1.2)
+            marker = {"marker": "o", "ms": 4} if len(d) <= MARKED_POINTS else {}
+            ax.plot(d["epoch"], d["mean"], label=f"{line} (n={int(d['n'].max())})", color=color, lw=1.2, **marker)
             ax.fill_between(d["epoch"], d["min"], d["max"], color=color, alpha=0.2, lw=0)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set(xlabel="epoch", ylabel="test error (%)", title=name.removeprefix("curves_"))
+        if (fig_data["epoch"] >= 1).all():
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_xlim(left=0)  # training starts at 0: a run of a fraction of an epoch shows as one
+        ax.set(xlabel="epochs trained", ylabel="test error (%)",
+               title=_titled(name.removeprefix("curves_"), trained_note(by_figure[name])))
         ax.legend(title="mean, min-max band over seeds", fontsize="small")
         files.append(_save(fig, out / f"{name}.png"))
     return Plot(agg, files)
@@ -198,7 +223,7 @@ def rho_sweep(runs: pd.DataFrame, out: Path) -> Plot:
         ax.xaxis.set_major_locator(FixedLocator(sorted(pts["rho"])))
         ax.xaxis.set_major_formatter(FixedFormatter([f"{r:g}" for r in sorted(pts["rho"])]))
         ax.xaxis.set_minor_locator(NullLocator())
-        ax.set(xlabel="rho", ylabel="final test error (%)", title=stems[key])
+        ax.set(xlabel="rho", ylabel="final test error (%)", title=_titled(stems[key], trained_note(g)))
         ax.legend(fontsize="small")
         files.append(_save(fig, out / f"{name}.png"))
     return Plot(pd.DataFrame(rows, columns=columns), files)

@@ -5,7 +5,9 @@ Per setting (every config field but the optimizer's) and method: the final test 
 lambda_max / lambda_5, the Hessian trace and the m-sharpness cells; mean ± 95% t-interval over
 seeds where there are several (one seed: the value alone). Runs measured differently (another
 subset, BatchNorm mode, weight-decay term or dtype) are never averaged together: the "measured
-on" column tells them apart. One figure per setting puts SGD and SAM side by side on one scale.
+on" column tells them apart; "trained" is the training the runs did (report/budget.py: steps,
+epochs and images where train_steps cut the configured epochs). The landscape figure of each
+setting (SGD and SAM side by side on one scale) is report/landscape.py's.
 """
 from __future__ import annotations
 
@@ -14,12 +16,9 @@ import math
 from pathlib import Path
 from typing import Any, Optional
 
-import matplotlib.style
-import numpy as np
 import pandas as pd
-from matplotlib.figure import Figure
 
-from sam_repro.report.plots import COLORS, OPTIMIZER_FIELDS, Plot, _real_runs, _save, _unique_stems, _without
+from sam_repro.report.plots import OPTIMIZER_FIELDS, Plot, _real_runs, _unique_stems, _without
 from sam_repro.report.tables import DASH, Table, t_interval
 
 SHARPNESS_FILE = "sharpness.json"
@@ -63,7 +62,7 @@ def sharpness_rows(runs: pd.DataFrame) -> pd.DataFrame:
         setting = json.loads(r["setting_key"])
         row = {"figure_key": _without(r["setting_key"], OPTIMIZER_FIELDS), "optimizer": setting.get("optimizer"),
                "rho": setting.get("rho"), "seed": r["seed"], "run_dir": r["run_dir"], "abs_dir": r["abs_dir"],
-               "measured_on": _measured_on(doc.get("setup") or {}),
+               "measured_on": _measured_on(doc.get("setup") or {}), "trained": r.get("trained.label"),
                "test_err": _num(r.get("final.test_err")),
                "lambda_max": _num(_get(doc, "hessian", "lambda_max")),
                "lambda_ratio": _num(_get(doc, "hessian", "lambda_max_over_lambda_5")),
@@ -106,8 +105,9 @@ def sharpness_table(runs: pd.DataFrame) -> tuple[Table, pd.DataFrame]:
     for (setting, measured, _, opt, rho), g in rows.groupby(["setting", "measured_on", "_order", "optimizer", "rho"],
                                                             sort=True, dropna=False):
         label = opt.upper() if rho is None or (isinstance(rho, float) and math.isnan(rho)) else f"{opt.upper()} rho={rho:g}"
-        d = {"setting": setting, "method": label, "n": str(len(g)), "measured on": measured}
-        c = {"setting": setting, "method": label, "n": len(g), "measured_on": measured}
+        trained = " / ".join(sorted({str(t) for t in g["trained"]}))  # one label unless the data sizes differ
+        d = {"setting": setting, "method": label, "trained": trained, "n": str(len(g)), "measured on": measured}
+        c = {"setting": setting, "method": label, "trained": trained, "n": len(g), "measured_on": measured}
         for col, title in [*metrics, *((m, m) for m in msharp)]:
             vals = g[col] if col in g else pd.Series(dtype=float)
             d[title] = _fmt(vals)
@@ -118,89 +118,10 @@ def sharpness_table(runs: pd.DataFrame) -> tuple[Table, pd.DataFrame]:
     return Table("sharpness", "Sharpness of the minima", pd.DataFrame(display), pd.DataFrame(data), notes), rows
 
 
-def _curve(section: Any, x: str) -> bool:
-    """A drawable 1D section: non-empty lists `x` and `loss` of one length (else it is not drawn)."""
-    xs, loss = _get(section, x), _get(section, "loss")
-    return isinstance(xs, list) and isinstance(loss, list) and 0 < len(xs) == len(loss)
-
-
-def _grid(section: Any) -> bool:
-    """A drawable 2D section: `loss` is a len(alpha) x len(beta) grid of numbers or nulls."""
-    alpha, beta, loss = _get(section, "alpha"), _get(section, "beta"), _get(section, "loss")
-    if not (isinstance(alpha, list) and isinstance(beta, list) and isinstance(loss, list) and alpha and beta):
-        return False
-    try:
-        return np.asarray(loss, dtype=float).shape == (len(alpha), len(beta))
-    except (TypeError, ValueError):
-        return False
-
-
-def _contour_levels(grids: list[np.ndarray]) -> np.ndarray:
-    lo = min(float(np.nanmin(g)) for g in grids)
-    hi = max(float(np.nanmax(g)) for g in grids)
-    return np.linspace(lo, hi, 16) if hi > lo else np.array([lo, lo + 1e-9])
-
-
-def landscape_figures(rows: pd.DataFrame, out: Path) -> Plot:
-    """One PNG per setting with landscape data: 1D slices of every run on one axis, the 2D slices
-    side by side with shared contour levels, and the SGD -> SAM interpolation where measured."""
-    columns = ["figure", "run_dir", "optimizer", "panel", "x", "y", "loss"]
-    if rows.empty:
-        return Plot(pd.DataFrame(columns=columns))
-    long, files = [], []
-    for setting, g in rows.sort_values(["_order", "seed", "run_dir"], kind="stable").groupby("setting", sort=True):
-        docs = [(r, read_sharpness(r.abs_dir)) for r in g.itertuples()]
-        docs = [(r, d) for r, d in docs if _curve(_get(d, "landscape", "d1"), "alpha")]
-        if not docs:
-            continue
-        name = f"sharpness_{setting}"
-        two_d = [(r, d) for r, d in docs if _grid(_get(d, "landscape", "d2"))]
-        interp = [(r, d) for r, d in docs if _curve(_get(d, "interpolation"), "t")]
-        ncols = 1 + len(two_d) + (1 if interp else 0)
-        with matplotlib.style.context("default"):
-            fig = Figure(figsize=(4.2 * ncols, 3.8), layout="constrained")
-            axes = list(np.atleast_1d(fig.subplots(1, ncols)))
-        ax = axes.pop(0)
-        for r, d in docs:
-            s = d["landscape"]["d1"]
-            ax.plot(s["alpha"], s["loss"], "o-", ms=3, color=COLORS.get(r.optimizer, "tab:gray"),
-                    label=f"{r.optimizer.upper()} seed {r.seed}")
-            long += [{"figure": name, "run_dir": r.run_dir, "optimizer": r.optimizer, "panel": "1d", "x": a,
-                      "y": math.nan, "loss": v} for a, v in zip(s["alpha"], s["loss"])]
-        ax.set(xlabel="alpha (filter-normalized direction)", ylabel="training loss (subset)", title="1D slice")
-        ax.legend(fontsize="small")
-        if two_d:
-            grids = [np.asarray(d["landscape"]["d2"]["loss"], dtype=float) for _, d in two_d]
-            levels = _contour_levels(grids)
-            for (r, d), grid in zip(two_d, grids):
-                ax = axes.pop(0)
-                s = d["landscape"]["d2"]
-                cs = ax.contourf(s["beta"], s["alpha"], grid, levels=levels, cmap="viridis")
-                ax.set(xlabel="beta", ylabel="alpha", title=f"2D slice: {r.optimizer.upper()} seed {r.seed}",
-                       aspect="equal")
-                long += [{"figure": name, "run_dir": r.run_dir, "optimizer": r.optimizer, "panel": "2d", "x": a,
-                          "y": b, "loss": grid[i, j]} for i, a in enumerate(s["alpha"]) for j, b in enumerate(s["beta"])]
-            fig.colorbar(cs, ax=ax, label="training loss (same scale)")
-        if interp:
-            ax = axes.pop(0)
-            r, d = interp[0]  # the first method in order (SGD): t = 0 is it, t = 1 the other run
-            s = d["interpolation"]
-            other = str(_get(s, "other", "optimizer")).upper()
-            ax.plot(s["t"], s["loss"], "o-", ms=3, color="black")
-            ax.axvline(0, color=COLORS.get(r.optimizer, "gray"), ls="--", lw=1, label=f"{r.optimizer.upper()} (t=0)")
-            ax.axvline(1, color=COLORS.get(str(_get(s, 'other', 'optimizer')), "gray"), ls="--", lw=1,
-                       label=f"{other} (t=1)")
-            ax.set(xlabel="t", ylabel="training loss (subset)", title="linear interpolation")
-            ax.legend(fontsize="small")
-            long += [{"figure": name, "run_dir": r.run_dir, "optimizer": r.optimizer, "panel": "interpolation",
-                      "x": t, "y": math.nan, "loss": v} for t, v in zip(s["t"], s["loss"])]
-        fig.suptitle(f"{setting}: loss landscape (SGD vs SAM)")
-        files.append(_save(fig, out / f"{name}.png"))
-    return Plot(pd.DataFrame(long, columns=columns), files)
-
-
 def generate(runs: pd.DataFrame, out: Path) -> tuple[Table, Plot]:
     """The sharpness table and the landscape figures of every run that has a sharpness.json."""
+    from sam_repro.report.landscape import landscape_figures  # it reads sharpness.json through this module
+
     for stale in out.glob(FIGURE_GLOB):
         stale.unlink()
     table, rows = sharpness_table(runs)

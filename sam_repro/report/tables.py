@@ -393,14 +393,28 @@ def paper_table(number: int, runs: pd.DataFrame, cells: pd.DataFrame, matches: d
 
 # ---- budget / non-paper runs ------------------------------------------------------------------
 
-BUDGET_FIELDS = ("dataset", "model", "augment", "label_noise", "optimizer", "rho", "epochs",
+BUDGET_FIELDS = ("dataset", "model", "augment", "label_noise", "optimizer", "rho", "trained",
                  "batch_size", "data.source")
+# The training done, as the CSV gives it (config.epochs is only what was configured: train_steps
+# or an interruption may cut it; report/budget.py derives these from each run's metrics.json).
+TRAINED_COLUMNS = {"epochs_trained": "trained.epochs", "steps": "trained.steps", "images": "trained.images"}
 
 
 def _sort_key(setting: dict[str, Any]) -> tuple:
     def k(v: Any) -> tuple:
         return (0, v, "") if isinstance(v, (int, float)) and not isinstance(v, bool) else (1, 0, str(v))
     return tuple(k(setting.get(f)) for f in BUDGET_FIELDS)
+
+
+def trained(group: pd.DataFrame) -> tuple[str, dict[str, Any]]:
+    """The training the runs of one setting did: its label ('4 epochs', '0.38 epochs (150 steps,
+    19,200 images)') and its numbers for the CSV. Runs of one setting that trained differently
+    (another training-set size) show every label and no numbers."""
+    labels = sorted(set(group["trained.label"])) if "trained.label" in group else []
+    if len(labels) != 1:
+        return " / ".join(labels) or DASH, {c: None for c in TRAINED_COLUMNS}
+    first = group.iloc[0]
+    return labels[0], {c: first[col] if _logged(first[col]) else None for c, col in TRAINED_COLUMNS.items()}
 
 
 def ran_on(group: pd.DataFrame) -> str:
@@ -421,16 +435,21 @@ def budget_table(runs: pd.DataFrame, cells: pd.DataFrame, matches: dict[str, Mat
     Synthetic-data runs get their own section: pipeline checks, never results."""
     by_order = cells.set_index("order")
     rows, data, synth = [], [], []
-    keys = sorted((k for k, m in matches.items() if not m.cells), key=lambda k: (_sort_key(json.loads(k)), k))
-    for key in keys:
-        m, setting = matches[key], json.loads(key)
+    done = {k: trained(runs[runs["setting_key"] == k]) for k, m in matches.items() if not m.cells}
+    settings = {k: {**json.loads(k), "trained": numbers["epochs_trained"]} for k, (_, numbers) in done.items()}
+    for key in sorted(settings, key=lambda k: (_sort_key(settings[k]), k)):
+        m, setting = matches[key], settings[key]
         group = runs[runs["setting_key"] == key]
         cell = by_order.loc[m.nearest] if m.nearest is not None else None
         metric = cell["metric"] if cell is not None else "top1_err"
         s = t_interval(group[METRIC_COLUMN[metric]].astype(float)) if METRIC_COLUMN[metric] in group \
             else t_interval([])
-        raw = {f: setting.get(f) for f in BUDGET_FIELDS}  # for the CSV: empty where null
-        label = {f: DASH if v is None else f"{v}" for f, v in raw.items()}
+        trained_label, trained_numbers = done[key]
+        label = {f: trained_label if f == "trained" else DASH if setting.get(f) is None else f"{setting.get(f)}"
+                 for f in BUDGET_FIELDS}
+        raw: dict[str, Any] = {}  # for the CSV: empty where null
+        for f in BUDGET_FIELDS:
+            raw.update(trained_numbers if f == "trained" else {f: setting.get(f)})
         if m.synthetic:
             synth.append({**label, "n": str(s.n), "final test error (%)": fmt_ours(s),
                           "what": "synthetic data: a pipeline check, not a result"})
@@ -447,10 +466,17 @@ def budget_table(runs: pd.DataFrame, cells: pd.DataFrame, matches: dict[str, Mat
                      "differences": "; ".join(m.diffs), "ran_on": ran_on(group)})
     notes = ["Runs outside the paper's setting (fewer epochs, another rho, the JPEG folder copy of a "
              "dataset, ...). They are never merged into the paper tables; each row says how it "
-             "differs from the nearest paper cell. Ours: mean ± 95% CI over seeds (Student t)."]
+             "differs from the nearest paper cell. Ours: mean ± 95% CI over seeds (Student t).",
+             "Trained: the training the runs did, from their metrics.json. Where `train_steps` or an "
+             "interruption cut the configured epochs: the epochs done (fractional), the optimizer steps "
+             "and the training images seen (steps x batch; one epoch is train_size // batch steps)."]
     sections = [("Synthetic-data runs (pipeline checks, not results)", pd.DataFrame(synth))] if synth else []
-    columns = ["kind", *BUDGET_FIELDS, "metric", "n", "mean", "ci95", "paper_table", "paper", "differences", "ran_on"]
-    return Table("budget", "Budget / non-paper runs", pd.DataFrame(rows), pd.DataFrame(data, columns=columns),
+    fields = [c for f in BUDGET_FIELDS for c in (TRAINED_COLUMNS if f == "trained" else (f,))]
+    columns = ["kind", *fields, "metric", "n", "mean", "ci95", "paper_table", "paper", "differences", "ran_on"]
+    frame = pd.DataFrame(data, columns=columns)
+    for c in ("steps", "images"):
+        frame[c] = frame[c].astype("Int64")  # integers in the CSV, blank where unknown
+    return Table("budget", "Budget / non-paper runs", pd.DataFrame(rows), frame,
                  notes,
                  sections=sections)
 
