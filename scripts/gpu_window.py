@@ -54,7 +54,7 @@ REPO = Path(__file__).resolve().parent.parent
 RESERVE_S = 10  # kept at the end of the budget for the archive and the summary
 GRACE_S = 15  # after SIGINT a command has this long (at most half its share) to write its files
 FILES = ("gpu.txt", "checks.txt", "gpu.log", "bench_step.jsonl", "bench_pack.jsonl", "bench_engine.jsonl",
-         "profile_pack.txt", "table4_runs.tar.gz")  # the device tool returns at most 8 files
+         "profile_pack.txt", "table4_runs.tar.gz")  # 8 at most: what a GPU machine lent for a session returns
 TABLE4 = ",".join(f"t4_cifar10_resnet32_noise{rate}" for rate in (20, 40, 60, 80))
 NO_DATA = "SAM_CIFAR10_JPEG is not set: it names the JPEG CIFAR-10 image folder (train/<class>/*, test/<class>/*)"
 
@@ -401,7 +401,7 @@ def bench_figures(out: Path) -> list[str]:
     for name in ("bench_step.jsonl", "bench_pack.jsonl", "bench_engine.jsonl"):
         for row in rows_in(out / name):
             label = " ".join(f"{k}={row[k]}" for k in labels if row.get(k) not in (None, False))
-            lines.append(f"  {name.split('.')[0]} {label}: " + ", ".join(f"{k} {row[k]}" for k in keys if k in row))
+            lines.append(f"  {name.split('.')[0]} {label}: " + ", ".join(f"{k} {row[k]}" for k in keys if row.get(k) is not None))
     return lines
 
 
@@ -451,7 +451,7 @@ def table4_summary(root: Path) -> str:
             continue
         config, per_epoch = mine[0][0]["config"], statistics.median(epoch_s)
         if config.get("train_steps"):  # a step-limited run: its epochs say nothing about a whole one
-            done = f"{config['train_steps']} steps"
+            done = f"train_steps={config['train_steps']}"
         else:
             done = f"{min(s['epochs_done'] for s, _ in mine)}/{config['epochs']} epochs"
             pack_s.append(per_epoch * config["epochs"])
