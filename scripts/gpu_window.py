@@ -401,7 +401,8 @@ def bench_figures(out: Path) -> list[str]:
     for name in ("bench_step.jsonl", "bench_pack.jsonl", "bench_engine.jsonl"):
         for row in rows_in(out / name):
             label = " ".join(f"{k}={row[k]}" for k in labels if row.get(k) not in (None, False))
-            lines.append(f"  {name.split('.')[0]} {label}: " + ", ".join(f"{k} {row[k]}" for k in keys if row.get(k) is not None))
+            figures = ", ".join(f"{k} {row[k]}" for k in keys if row.get(k) is not None)
+            lines.append(f"  {name.split('.')[0]} {label}: {figures}")
     return lines
 
 
