@@ -10,7 +10,7 @@ TABLES ?= results/tables
 BENCH_OUT ?= results/bench
 
 .DEFAULT_GOAL := help
-.PHONY: help install test test-fast mutate table sharpness bench bench-gpu smoke clean
+.PHONY: help install test test-fast mutate table sharpness bench bench-gpu gpu smoke clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
@@ -57,6 +57,10 @@ bench-gpu: ## GPU benchmarks (step, end-to-end engine, packed runs); run on a GP
 	python3 scripts/bench_step.py --device cuda --suite gpu --out $(BENCH_OUT)
 	python3 scripts/bench_engine.py --device cuda --out $(BENCH_OUT)
 	python3 scripts/bench_pack.py --device cuda --out $(BENCH_OUT)
+
+GPU_BUDGET ?= 540
+gpu: ## one short GPU session in GPU_BUDGET seconds (540): CUDA checks, short benchmarks, Table 4 at one seed (scripts/gpu.sh)
+	bash scripts/gpu.sh $(GPU_BUDGET)
 
 clean: ## remove the virtual environment and caches (keeps runs/ and results/)
 	rm -rf $(VENV) .pytest_cache build *.egg-info mutants
