@@ -466,6 +466,8 @@ def table4_summary(root: Path) -> str:
 
 
 def run_state(summary: dict) -> str:
+    """A run's status; run directories written before status `interrupted` existed said `running` with
+    an `interrupted (...)` error."""
     interrupted = summary["status"] == "running" and "interrupted" in (summary.get("error") or "")
     return "interrupted" if interrupted else summary["status"]
 

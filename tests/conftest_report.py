@@ -264,7 +264,7 @@ def plotted(runs_root: Path, cells, tmp_path_factory: pytest.TempPathFactory) ->
     table4 = paper_table(4, runs, cells, match_runs(runs, cells))  # the label-noise plot's input
     out = tmp_path_factory.mktemp("plots")
     mp = pytest.MonkeyPatch()
-    mp.setattr(plots, "_save", capture)
+    mp.setattr(plots, "save_figure", capture)
     try:
         drawn = {"learning curves": plots.learning_curves(runs, out),
                  "label noise": plots.label_noise(table4, out),

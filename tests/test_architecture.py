@@ -57,7 +57,9 @@ def imports_of(module: str) -> list[tuple[str, ast.AST, list[str]]]:
                 base = ".".join(anchor + ([base] if base else []))
             names = [alias.name for alias in node.names]
             submodules = [f"{base}.{n}" for n in names if f"{base}.{n}" in SOURCES]
-            out.append((base, node, [n for n in names if f"{base}.{n}" not in SOURCES]))
+            others = [n for n in names if f"{base}.{n}" not in SOURCES]
+            if others:  # `from package import submodule` depends on the submodule, not on the package's own code
+                out.append((base, node, others))
             out += [(sub, node, []) for sub in submodules]
     return [(m, node, names) for m, node, names in out if m.split(".")[0] in ("sam_repro", "hydra_plugins")]
 

@@ -191,13 +191,13 @@ def test_readme_names_the_hardware_of_paper_cell_runs_unknown_included(tmp_path:
 def test_every_plot_file_generate_writes_is_a_valid_png_of_the_figure_drawn(runs_root: Path, tmp_path: Path,
                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     figures = {}
-    save = plots._save
+    save = plots.save_figure
 
     def capture(fig, path: Path) -> Path:
         figures[Path(path).stem] = fig
         return save(fig, path)
 
-    monkeypatch.setattr(plots, "_save", capture)
+    monkeypatch.setattr(plots, "save_figure", capture)
     report = generate(runs_root, tmp_path)
     files = [f for p in report.plots.values() for f in p.files]
     assert sorted(f.name for f in files if not f.name.startswith("sharpness_")) == [

@@ -39,13 +39,13 @@ def landscape(d1_loss: list[float], d2_loss: list[list[float]] | None = None, sp
 def capture_figures(monkeypatch: pytest.MonkeyPatch, save: bool = False) -> list:
     """Record each figure landscape_figures saves (and write it only when `save`)."""
     figures = []
-    real = L._save
+    real = L.save_figure
 
     def record(fig, path):
         figures.append(fig)
         return real(fig, path) if save else path
 
-    monkeypatch.setattr(L, "_save", record)
+    monkeypatch.setattr(L, "save_figure", record)
     return figures
 
 
@@ -330,7 +330,7 @@ def test_generate_replaces_stale_figures_only(tmp_path: Path, monkeypatch: pytes
     put(write_run(root, "a", test_err=4.0, optimizer="sgd"), sdoc(50, 9, 400, landscape=landscape([3.0, 1.0, 3.0])))
     write_run(root, "b", test_err=4.0)
     figures = capture_figures(monkeypatch, save=True)
-    table, plot = S.generate(load_runs(root).runs, out)
+    table, plot = L.generate(load_runs(root).runs, out)
     assert table.display[["setting", "method", "n", "lambda_max"]].values.tolist() == [[C10, "SGD", "1", "50"]]
     assert plot.files == [out / f"sharpness_{C10}.png"] and len(figures) == 1
     assert sorted(p.name for p in out.iterdir()) == sorted(
@@ -338,7 +338,7 @@ def test_generate_replaces_stale_figures_only(tmp_path: Path, monkeypatch: pytes
     assert all((out / k).read_bytes() == b"keep" for k in ("sharpness.png", "sharpness.md", "curves_a.png"))
     # Nothing measured any more: the old figure goes too.
     (root / "a" / "sharpness.json").unlink()
-    table, plot = S.generate(load_runs(root).runs, out)
+    table, plot = L.generate(load_runs(root).runs, out)
     assert table.display.empty and plot.files == [] and not (out / f"sharpness_{C10}.png").exists()
 
 

@@ -78,7 +78,7 @@ def test_file_stems_name_the_setting_and_every_departure_from_the_defaults() -> 
             "data.source": "folder"}
     assert plots._stem(timm) == "cifar10_timm-tf_efficientnet_b7.ra_in1k_basic_200ep_noise20_bs64_folder"
     keys = [json.dumps({**base, "lr": lr}, sort_keys=True) for lr in (0.1, 0.2)] + [json.dumps(base, sort_keys=True)]
-    stems = plots._unique_stems(keys[:2] + [json.dumps({**base, "epochs": 15}, sort_keys=True)])
+    stems = plots.unique_stems(keys[:2] + [json.dumps({**base, "epochs": 15}, sort_keys=True)])
     assert stems[keys[0]] == "cifar10_wrn28_10_basic_200ep_" + hashlib.sha1(keys[0].encode()).hexdigest()[:6]
     assert stems[keys[1]].endswith(hashlib.sha1(keys[1].encode()).hexdigest()[:6]) and stems[keys[0]] != stems[keys[1]]
     assert list(stems.values())[2] == "cifar10_wrn28_10_basic_15ep"  # unique: no hash
@@ -87,7 +87,7 @@ def test_file_stems_name_the_setting_and_every_departure_from_the_defaults() -> 
 def _captured(monkeypatch: pytest.MonkeyPatch) -> dict:
     """Figures by file stem, captured instead of rendered."""
     figures: dict = {}
-    monkeypatch.setattr(plots, "_save", lambda fig, path: figures.setdefault(Path(path).stem, fig) and Path(path))
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path: figures.setdefault(Path(path).stem, fig) and Path(path))
     return figures
 
 
@@ -173,7 +173,7 @@ def test_a_saved_plot_ignores_the_callers_savefig_settings(tmp_path: Path) -> No
     fig, ax = plots._new_figure()
     ax.plot([0, 1], [0, 1])
     with matplotlib.rc_context({"savefig.dpi": 50, "savefig.format": "svg", "savefig.bbox": "tight"}):
-        path = plots._save(fig, tmp_path / "f.png")
+        path = plots.save_figure(fig, tmp_path / "f.png")
     assert_valid_png(path)
 
 

@@ -111,7 +111,7 @@ def figure_key(dataset: str = "cifar10", source: str = "torchvision") -> str:
                        "weight_decay": 0.0005}, sort_keys=True)
 
 
-# -- read_sharpness, _get, _num, _measured_on -------------------------------------------------------
+# -- read_sharpness, lookup, _num, _measured_on -------------------------------------------------------
 
 def test_read_sharpness_returns_the_schema_1_document(tmp_path: Path) -> None:
     doc = sdoc(40.0, 8.0, 300.0, [cell(16, 0.05, 0.2)])
@@ -149,16 +149,16 @@ def test_read_sharpness_none_for_a_directory_or_a_missing_run(tmp_path: Path) ->
 
 def test_get_walks_nested_objects_and_stops_at_non_objects() -> None:
     doc = {"a": {"b": {"c": 3}, "n": 0, "l": [1]}, "z": None}
-    assert S._get(doc, "a", "b", "c") == 3
-    assert S._get(doc, "a", "b") == {"c": 3}
-    assert S._get(doc) is doc
-    assert S._get(doc, "a", "n") == 0
-    assert S._get(doc, "a", "n", "x") is None  # through a number
-    assert S._get(doc, "a", "l", "x") is None  # through a list
-    assert S._get(doc, "z", "x") is None  # through null
-    assert S._get(doc, "missing", "x", "y") is None
-    assert S._get(None, "a") is None and S._get([1], "a") is None
-    assert S._get(None) is None
+    assert S.lookup(doc, "a", "b", "c") == 3
+    assert S.lookup(doc, "a", "b") == {"c": 3}
+    assert S.lookup(doc) is doc
+    assert S.lookup(doc, "a", "n") == 0
+    assert S.lookup(doc, "a", "n", "x") is None  # through a number
+    assert S.lookup(doc, "a", "l", "x") is None  # through a list
+    assert S.lookup(doc, "z", "x") is None  # through null
+    assert S.lookup(doc, "missing", "x", "y") is None
+    assert S.lookup(None, "a") is None and S.lookup([1], "a") is None
+    assert S.lookup(None) is None
 
 
 @pytest.mark.parametrize(("x", "want"), [(3, 3.0), (-2, -2.0), (0, 0.0), (0.25, 0.25), (1e300, 1e300), (-0.0, 0.0)])

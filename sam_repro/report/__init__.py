@@ -14,8 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from sam_repro.report import plots, tables
-from sam_repro.report import sharpness as sharpness_report
+from sam_repro.report import landscape, plots, tables
 from sam_repro.report.load import Loaded, load_runs
 
 PAPER_TABLES = (1, 2, 3, 4, 5)
@@ -60,7 +59,7 @@ def generate(runs_dir: str | Path, out_dir: str | Path) -> Report:
         "label noise": plots.label_noise(paper_tables[3], out),
         "rho sweep": plots.rho_sweep(loaded.runs, out),
     }
-    sharp_table, drawn["loss landscape"] = sharpness_report.generate(loaded.runs, out)
+    sharp_table, drawn["loss landscape"] = landscape.generate(loaded.runs, out)
     files += tables.write_table(sharp_table, out)
     report = Report(loaded, paper_tables, budget, drawn, sharpness=sharp_table)
     in_cells = {k for k, m in matches.items() if m.cells}

@@ -25,8 +25,9 @@ from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
 from matplotlib.ticker import FixedLocator, FuncFormatter, MaxNLocator, NullLocator
 
-from sam_repro.report.plots import COLORS, Plot, _save
-from sam_repro.report.sharpness import _get, read_sharpness
+from sam_repro.report.plots import COLORS, Plot, save_figure
+from sam_repro.report.sharpness import FIGURE_GLOB, lookup, read_sharpness, sharpness_table
+from sam_repro.report.tables import Table
 
 LEVELS = 20  # contour levels from the lowest to the highest loss of the grids, log-spaced
 CMAP = "viridis"
@@ -36,13 +37,13 @@ COLUMNS = ["figure", "run_dir", "optimizer", "panel", "x", "y", "loss"]
 
 def _curve(section: Any, x: str) -> bool:
     """A drawable 1D section: non-empty lists `x` and `loss` of one length (else it is not drawn)."""
-    xs, loss = _get(section, x), _get(section, "loss")
+    xs, loss = lookup(section, x), lookup(section, "loss")
     return isinstance(xs, list) and isinstance(loss, list) and 0 < len(xs) == len(loss)
 
 
 def _grid(section: Any) -> bool:
     """A drawable 2D section: `loss` is a len(alpha) x len(beta) grid of numbers or nulls."""
-    alpha, beta, loss = _get(section, "alpha"), _get(section, "beta"), _get(section, "loss")
+    alpha, beta, loss = lookup(section, "alpha"), lookup(section, "beta"), lookup(section, "loss")
     if not (isinstance(alpha, list) and isinstance(beta, list) and isinstance(loss, list) and alpha and beta):
         return False
     try:
@@ -152,7 +153,7 @@ def _draw_1d(ax: Any, docs: list) -> list[dict[str, Any]]:
 def _draw_interpolation(ax: Any, r: Any, d: dict[str, Any]) -> list[dict[str, Any]]:
     """The first run in method order (SGD) is t = 0, the other run t = 1."""
     s = d["interpolation"]
-    other = str(_get(s, "other", "optimizer"))
+    other = str(lookup(s, "other", "optimizer"))
     ax.plot(s["t"], s["loss"], "o-", ms=3, color="black")
     ax.axvline(0, color=COLORS.get(r.optimizer, "gray"), ls="--", lw=1, label=f"{r.optimizer.upper()} (t=0)")
     ax.axvline(1, color=COLORS.get(other, "gray"), ls="--", lw=1, label=f"{other.upper()} (t=1)")
@@ -173,7 +174,7 @@ def title(setting: str, g: pd.DataFrame, docs: list) -> str:
     names = list(dict.fromkeys(str(r.optimizer).upper() for r, _ in docs))
     methods = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
     trained = _joined(g["trained"]) if "trained" in g else "?"
-    spans = _joined(_fmt(float(_get(d, "landscape", "span"))) if isinstance(_get(d, "landscape", "span"), (int, float))
+    spans = _joined(_fmt(float(lookup(d, "landscape", "span"))) if isinstance(lookup(d, "landscape", "span"), (int, float))
                     else "?" for _, d in docs)
     return (f"Loss landscape around the {methods} solutions: {setting}\n"
             f"trained {trained}; training loss on {_joined(g['measured_on'])}\n"
@@ -188,16 +189,16 @@ def landscape_figures(rows: pd.DataFrame, out: Path) -> Plot:
     long, files = [], []
     for setting, g in rows.sort_values(["_order", "seed", "run_dir"], kind="stable").groupby("setting", sort=True):
         docs = [(r, read_sharpness(r.abs_dir)) for r in g.itertuples()]
-        docs = [(r, d) for r, d in docs if _curve(_get(d, "landscape", "d1"), "alpha")]
+        docs = [(r, d) for r, d in docs if _curve(lookup(d, "landscape", "d1"), "alpha")]
         if not docs:
             continue
         name = f"sharpness_{setting}"
-        two_d = [(r, d) for r, d in docs if _grid(_get(d, "landscape", "d2"))]
-        interp = [(r, d) for r, d in docs if _curve(_get(d, "interpolation"), "t")]
+        two_d = [(r, d) for r, d in docs if _grid(lookup(d, "landscape", "d2"))]
+        interp = [(r, d) for r, d in docs if _curve(lookup(d, "interpolation"), "t")]
         drawn_rows = g[g["run_dir"].isin([r.run_dir for r, _ in docs])]
         fig, points = _figure(setting, drawn_rows, docs, two_d, interp)
         long += [{"figure": name, **p} for p in points]
-        files.append(_save(fig, out / f"{name}.png"))
+        files.append(save_figure(fig, out / f"{name}.png"))
     return Plot(pd.DataFrame(long, columns=COLUMNS), files)
 
 
@@ -240,3 +241,12 @@ def _grids_rows(top: Any, mid: Any, two_d: list) -> list[dict[str, Any]]:
     bar.ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
     bar.ax.yaxis.set_minor_locator(NullLocator())
     return points
+
+
+def generate(runs: pd.DataFrame, out: Path) -> tuple[Table, Plot]:
+    """The sharpness table and the landscape figures of every run that has a sharpness.json (the
+    figures of settings no longer measured are removed)."""
+    for stale in out.glob(FIGURE_GLOB):
+        stale.unlink()
+    table, rows = sharpness_table(runs)
+    return table, landscape_figures(rows, out)

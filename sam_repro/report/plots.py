@@ -41,7 +41,7 @@ class Plot:
     files: list[Path] = field(default_factory=list)
 
 
-def _save(fig: Figure, path: Path) -> Path:
+def save_figure(fig: Figure, path: Path) -> Path:
     # savefig reads rcParams (savefig.bbox, .transparent, .facecolor, ...) at save time: pin the defaults
     with matplotlib.style.context("default"):
         fig.savefig(path, format="png", dpi=100, metadata=PNG_METADATA)
@@ -54,7 +54,7 @@ def _new_figure() -> tuple[Figure, Any]:
         return fig, fig.subplots()
 
 
-def _real_runs(runs: pd.DataFrame) -> pd.DataFrame:
+def real_runs(runs: pd.DataFrame) -> pd.DataFrame:
     """Synthetic-data runs are pipeline checks: never plotted as results."""
     return runs[runs["data.source"] != "synthetic"] if "data.source" in runs else runs
 
@@ -74,7 +74,7 @@ def _stem(setting: dict[str, Any]) -> str:
     return stem
 
 
-def _unique_stems(keys: list[str]) -> dict[str, str]:
+def unique_stems(keys: list[str]) -> dict[str, str]:
     """Stems per setting key; settings that differ only in fields the stem omits get a short hash."""
     stems = {k: _stem(json.loads(k)) for k in keys}
     counts = pd.Series(list(stems.values())).value_counts()
@@ -82,7 +82,7 @@ def _unique_stems(keys: list[str]) -> dict[str, str]:
             for k, s in stems.items()}
 
 
-def _without(key: str, fields: tuple[str, ...]) -> str:
+def without(key: str, fields: tuple[str, ...]) -> str:
     setting = json.loads(key)
     return json.dumps({k: v for k, v in setting.items() if k not in fields}, sort_keys=True)
 
@@ -108,14 +108,14 @@ def learning_curves(runs: pd.DataFrame, out: Path) -> Plot:
     """Test error vs epochs trained, one figure per setting, SAM and SGD overlaid: mean over seeds
     and a min-max band. Returns one row per (figure, line, epoch): mean, min, max, n; `epoch` is
     the epochs done at that logged row (a fraction where train_steps ended inside an epoch)."""
-    runs = _real_runs(runs)
+    runs = real_runs(runs)
     rows, runs_of = [], {}  # runs_of: figure key -> the runs drawn in it (their titles say what they trained)
     for _, r in runs.iterrows():  # iterrows: the trained.* columns keep their names
         curve = load_curve(r["abs_dir"])
         if curve.empty:
             continue
         setting = json.loads(r["setting_key"])
-        key = _without(r["setting_key"], OPTIMIZER_FIELDS)
+        key = without(r["setting_key"], OPTIMIZER_FIELDS)
         runs_of.setdefault(key, []).append(r)
         for epoch, err in zip(curve["epoch"], curve["test_err"]):
             # the x of a logged row is the epochs done by then: the last epoch of a train_steps run is partial
@@ -127,7 +127,7 @@ def learning_curves(runs: pd.DataFrame, out: Path) -> Plot:
     if not rows:
         return Plot(pd.DataFrame(columns=columns))
     long = pd.DataFrame(rows)
-    stems = _unique_stems(sorted(set(long["figure_key"])))
+    stems = unique_stems(sorted(set(long["figure_key"])))
     long["figure"] = "curves_" + long["figure_key"].map(stems)
     agg = (long.groupby(["figure", "line", "epoch"], sort=True)
            .agg(optimizer=("optimizer", "first"), rho=("rho", "first"), mean=("test_err", "mean"),
@@ -152,7 +152,7 @@ def learning_curves(runs: pd.DataFrame, out: Path) -> Plot:
         ax.set(xlabel="epochs trained", ylabel="test error (%)",
                title=_titled(name.removeprefix("curves_"), trained_note(by_figure[name])))
         ax.legend(title="mean, min-max band over seeds", fontsize="small")
-        files.append(_save(fig, out / f"{name}.png"))
+        files.append(save_figure(fig, out / f"{name}.png"))
     return Plot(agg, files)
 
 
@@ -182,21 +182,21 @@ def label_noise(table4: Table, out: Path) -> Plot:
     ax.set(xlabel="label noise (%)", ylabel="clean test accuracy (%)", xticks=[20, 40, 60, 80],
            title="CIFAR-10, ResNet-32: label noise")
     ax.legend(fontsize="small")
-    return Plot(data, [_save(fig, out / "label_noise.png")])
+    return Plot(data, [save_figure(fig, out / "label_noise.png")])
 
 
 def rho_sweep(runs: pd.DataFrame, out: Path) -> Plot:
     """Test error vs rho for each setting with SAM runs at two or more rho values; the SGD runs of
     the same setting, where present, as a dashed line. Returns one row per (figure, rho)."""
-    runs = _real_runs(runs)
+    runs = real_runs(runs)
     columns = ["figure", "optimizer", "rho", "mean", "ci95", "min", "max", "n"]
     sam = runs[runs["optimizer"].isin(["sam", "asam"])]
     if sam.empty:
         return Plot(pd.DataFrame(columns=columns))
-    sam = sam.assign(sweep_key=[_without(k, ("rho",)) for k in sam["setting_key"]])
+    sam = sam.assign(sweep_key=[without(k, ("rho",)) for k in sam["setting_key"]])
     sweeps = [k for k, g in sam.groupby("sweep_key", sort=True) if g["rho"].nunique() >= 2]
-    stems = _unique_stems(sweeps)
-    sgd_keys = runs[runs["optimizer"] == "sgd"]["setting_key"].map(lambda k: _without(k, OPTIMIZER_FIELDS))
+    stems = unique_stems(sweeps)
+    sgd_keys = runs[runs["optimizer"] == "sgd"]["setting_key"].map(lambda k: without(k, OPTIMIZER_FIELDS))
     rows, files = [], []
     for key in sweeps:
         name = "rho_" + stems[key]
@@ -206,7 +206,7 @@ def rho_sweep(runs: pd.DataFrame, out: Path) -> Plot:
             rows.append({"figure": name, "optimizer": g["optimizer"].iloc[0], "rho": float(rho),
                          "mean": s.mean, "ci95": s.ci95, "min": d["final.test_err"].min(),
                          "max": d["final.test_err"].max(), "n": s.n})
-        base = runs[runs["optimizer"] == "sgd"][sgd_keys == _without(key, OPTIMIZER_FIELDS)]
+        base = runs[runs["optimizer"] == "sgd"][sgd_keys == without(key, OPTIMIZER_FIELDS)]
         if len(base):
             s = t_interval(base["final.test_err"].astype(float))
             rows.append({"figure": name, "optimizer": "sgd", "rho": 0.0, "mean": s.mean, "ci95": s.ci95,
@@ -225,5 +225,5 @@ def rho_sweep(runs: pd.DataFrame, out: Path) -> Plot:
         ax.xaxis.set_minor_locator(NullLocator())
         ax.set(xlabel="rho", ylabel="final test error (%)", title=_titled(stems[key], trained_note(g)))
         ax.legend(fontsize="small")
-        files.append(_save(fig, out / f"{name}.png"))
+        files.append(save_figure(fig, out / f"{name}.png"))
     return Plot(pd.DataFrame(rows, columns=columns), files)

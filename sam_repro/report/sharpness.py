@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 import pandas as pd
 
-from sam_repro.report.plots import OPTIMIZER_FIELDS, Plot, _real_runs, _unique_stems, _without
+from sam_repro.report.plots import OPTIMIZER_FIELDS, real_runs, unique_stems, without
 from sam_repro.report.tables import DASH, Table, t_interval
 
 SHARPNESS_FILE = "sharpness.json"
@@ -35,7 +35,7 @@ def read_sharpness(run_dir: str | Path) -> Optional[dict[str, Any]]:
     return doc if isinstance(doc, dict) and doc.get("schema") == 1 else None
 
 
-def _get(doc: dict[str, Any], *keys: str) -> Any:
+def lookup(doc: dict[str, Any], *keys: str) -> Any:
     for k in keys:
         if not isinstance(doc, dict):
             return None
@@ -48,26 +48,26 @@ def _num(x: Any) -> float:
 
 
 def _measured_on(setup: dict[str, Any]) -> str:
-    wd = "L2 in" if _get(setup, "weight_decay", "in_loss") else "L2 out"
+    wd = "L2 in" if lookup(setup, "weight_decay", "in_loss") else "L2 out"
     return f"{setup.get('subset')} train ex., BN {setup.get('bn_mode')}, {wd}, {setup.get('dtype')}"
 
 
 def sharpness_rows(runs: pd.DataFrame) -> pd.DataFrame:
     """One row per run with a sharpness.json: its setting, method and every number the table shows."""
     rows = []
-    for _, r in _real_runs(runs).iterrows():  # iterrows: column names with dots stay readable
+    for _, r in real_runs(runs).iterrows():  # iterrows: column names with dots stay readable
         doc = read_sharpness(r["abs_dir"])
         if doc is None:
             continue
         setting = json.loads(r["setting_key"])
-        row = {"figure_key": _without(r["setting_key"], OPTIMIZER_FIELDS), "optimizer": setting.get("optimizer"),
+        row = {"figure_key": without(r["setting_key"], OPTIMIZER_FIELDS), "optimizer": setting.get("optimizer"),
                "rho": setting.get("rho"), "seed": r["seed"], "run_dir": r["run_dir"], "abs_dir": r["abs_dir"],
                "measured_on": _measured_on(doc.get("setup") or {}), "trained": r.get("trained.label"),
                "test_err": _num(r.get("final.test_err")),
-               "lambda_max": _num(_get(doc, "hessian", "lambda_max")),
-               "lambda_ratio": _num(_get(doc, "hessian", "lambda_max_over_lambda_5")),
-               "trace": _num(_get(doc, "hessian", "trace", "value"))}
-        for cell in _get(doc, "msharpness", "cells") or []:
+               "lambda_max": _num(lookup(doc, "hessian", "lambda_max")),
+               "lambda_ratio": _num(lookup(doc, "hessian", "lambda_max_over_lambda_5")),
+               "trace": _num(lookup(doc, "hessian", "trace", "value"))}
+        for cell in lookup(doc, "msharpness", "cells") or []:
             if not isinstance(cell, dict) or math.isnan(_num(cell.get("rho"))):
                 continue  # a malformed cell is left out, never a crash of the report
             steps = cell.get("steps", 1)
@@ -98,7 +98,7 @@ def sharpness_table(runs: pd.DataFrame) -> tuple[Table, pd.DataFrame]:
     if rows.empty:
         return Table("sharpness", "Sharpness of the minima", pd.DataFrame(), pd.DataFrame(), notes), rows
     msharp = sorted(c for c in rows.columns if c.startswith("m-sharpness"))
-    stems = _unique_stems(sorted(set(rows["figure_key"])))
+    stems = unique_stems(sorted(set(rows["figure_key"])))
     rows = rows.assign(setting=rows["figure_key"].map(stems),
                        _order=rows["optimizer"].map(lambda o: METHOD_ORDER.get(o, 9)))
     display, data = [], []
@@ -116,13 +116,3 @@ def sharpness_table(runs: pd.DataFrame) -> tuple[Table, pd.DataFrame]:
         display.append(d)
         data.append(c)
     return Table("sharpness", "Sharpness of the minima", pd.DataFrame(display), pd.DataFrame(data), notes), rows
-
-
-def generate(runs: pd.DataFrame, out: Path) -> tuple[Table, Plot]:
-    """The sharpness table and the landscape figures of every run that has a sharpness.json."""
-    from sam_repro.report.landscape import landscape_figures  # it reads sharpness.json through this module
-
-    for stale in out.glob(FIGURE_GLOB):
-        stale.unlink()
-    table, rows = sharpness_table(runs)
-    return table, landscape_figures(rows, out)
