@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import re
 import statistics
 import subprocess
@@ -31,7 +30,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
-from bench_step import git_sha  # noqa: E402
+from bench_step import emit, git_sha  # noqa: E402
 
 
 def extract(revision: str, into: Path) -> str:
@@ -142,14 +141,8 @@ def main() -> int:
                 pairs = {optim: [pack_step(p, optim, n, Path(tmp)) for p in ("sam_repro_baseline", "sam_repro")]
                          for optim in ("sam", "sgd")}
             for optim, (before, after) in pairs.items():
-                result = {"bench": "compare", "row": row, "optim": optim,
-                          **alternate(before, after, args.warmup, args.steps, args.rounds), **env}
-                line = json.dumps(result)
-                print(line, flush=True)
-                if args.out:
-                    args.out.mkdir(parents=True, exist_ok=True)
-                    with open(args.out / "bench_compare.jsonl", "a") as f:
-                        f.write(line + "\n")
+                emit({"bench": "compare", "row": row, "optim": optim,
+                      **alternate(before, after, args.warmup, args.steps, args.rounds), **env}, args.out, "bench_compare.jsonl")
     return 0
 
 

@@ -14,7 +14,6 @@ solo runs, and their ratio (pack / solo; > 1: packing is faster). Solo and pack 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import sys
@@ -27,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_step import git_sha  # noqa: E402
+from bench_step import emit, git_sha  # noqa: E402
 from sam_repro.config import config_dir, register_configs  # noqa: E402
 from sam_repro.engine.grid import GridStep  # noqa: E402
 from sam_repro.engine.loop import Run  # noqa: E402
@@ -151,14 +150,9 @@ def main() -> int:
         for optim in args.optims.split(","):
             for n in sizes:
                 result = {**bench(args, optim, n, device, Path(tmp)), **env, "git_sha": sha}
-                line = json.dumps(result)
-                print(line, flush=True)
+                emit(result, args.out, "bench_pack.jsonl")
                 print(f"# {optim} x{n}: pack {result['pack_images_per_s']} img/s, solo {result['solo_images_per_s']} "
                       f"img/s, ratio {result['pack_over_solo']}x", file=sys.stderr, flush=True)
-                if args.out:
-                    args.out.mkdir(parents=True, exist_ok=True)
-                    with open(args.out / "bench_pack.jsonl", "a") as f:
-                        f.write(line + "\n")
     return 0
 
 
