@@ -140,6 +140,9 @@ class EngineConfig:
     eval_every: int = 1  # epochs between evaluations (each also logs a metrics.jsonl row and checkpoints)
     eval_every_steps: Optional[int] = None  # step-counted recipes: evaluate at the first epoch end after this many steps
     progress: bool = keyed(True, roles=(RESUME_FREE, UNNAMED))  # tqdm bars
+    # hydra/launcher=pack: auto (time a packed step against its runs' solo steps when the pack starts;
+    # train the runs one after another when packing is not faster) | pack | alone
+    pack_execution: str = keyed("auto", roles=(RESUME_FREE, UNNAMED))
     ddp: bool = False  # re-launch under torchrun, one process per GPU (DistributedDataParallel)
     nproc: Optional[int] = None  # engine.ddp: processes to launch; null = every visible GPU (required on the CPU)
 

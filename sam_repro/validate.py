@@ -17,6 +17,7 @@ from sam_repro.data import CUTOUT_PER, DATASETS, LOADERS, NOISE_KINDS, PAD_MODES
 from sam_repro.engine.distributed import planned_world_size
 from sam_repro.engine.runtime import PRECISIONS
 from sam_repro.engine.schedule import SCHEDULES
+from sam_repro.engine.packing import PACK_EXECUTIONS
 from sam_repro.engine.passes import BN_STATS, SHAKEDROP_MASKS
 from sam_repro.errors import UserError
 from sam_repro.models import is_model, list_models
@@ -131,6 +132,7 @@ def validate(cfg: DictConfig) -> None:
 
     one_of("engine.precision", e.precision, ["auto", *PRECISIONS])
     one_of("engine.loader", e.loader, ["auto", *sorted(LOADERS)])
+    one_of("engine.pack_execution", e.pack_execution, PACK_EXECUTIONS)
     if e.loader in LOADERS:
         fits = sorted(k for k, loader in LOADERS.items() if loader.storage is storage)
         need(LOADERS[e.loader].storage is storage, "engine.loader", e.loader,

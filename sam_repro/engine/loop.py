@@ -35,6 +35,7 @@ from sam_repro.config import RESUME_FREE, flatten, has_role
 from sam_repro.data import fit_to_model, load_data, make_eval_loader, make_train_loader
 from sam_repro.engine import distributed
 from sam_repro.engine.grid import GridStep
+from sam_repro.engine.packing import pack_pays
 from sam_repro.engine.runtime import Runtime, resolve_runtime, seed_everything, set_determinism
 from sam_repro.engine.schedule import LrSetter
 from sam_repro.engine.passes import Member, StepConfig, StepStats, to_layout
@@ -356,10 +357,13 @@ class Trainer:
             step: Callable = lambda x, y: [solo(x[0], y[0])]  # noqa: E731
             module, forward, active = first.model, first.forward, [True]
         else:
+            packed, why = pack_pays(runs, progresses[0].epoch + 1)
+            log.info("pack of %d runs from epoch %d: %s", len(runs), progresses[0].epoch + 1, why)
+            if not packed:
+                return [self._fit_together([run], [progress])[0] for run, progress in zip(runs, progresses)]
             grid = GridStep([run.member for run in runs], first.step_config)
             step, module, forward, active = grid, grid.passes.module, grid.forward_members, grid.active
-            log.info("pack of %d runs from epoch %d: %s", len(runs), progresses[0].epoch + 1,
-                     ", ".join(str(run.run_dir) for run in runs))
+            log.info("packed: %s", ", ".join(str(run.run_dir) for run in runs))
         codes = [EXIT_OK] * len(runs)
         every, every_steps = first.cfg.engine.eval_every, first.cfg.engine.eval_every_steps
         periods = [Period(first.runtime.device) for _ in runs]
