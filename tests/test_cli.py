@@ -188,10 +188,10 @@ def test_real_data_path_on_an_image_folder(tmp_path: Path) -> None:
     assert summary["data"]["root"] == str(tmp_path / "imgs")
 
 
-@pytest.mark.parametrize("launcher", ["basic", "joblib"])
-def test_sweep_writes_one_directory_per_configuration(tmp_path: Path, launcher: str) -> None:
-    extra = ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"] if launcher == "joblib" else []
-    result = sam_train(["-m", *TINY, "epochs=1", "optim=sgd,sam", f"runs_root={tmp_path}", *extra], cwd=tmp_path)
+def test_a_joblib_sweep_writes_one_directory_per_configuration_and_every_job_reports_back(tmp_path: Path) -> None:
+    """The basic launcher's sweep is tests/test_sweep_summary.py's; here jobs run in joblib's worker processes."""
+    result = sam_train(["-m", *TINY, "epochs=1", "optim=sgd,sam", f"runs_root={tmp_path}", "hydra/launcher=joblib",
+                        "hydra.launcher.n_jobs=2"], cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     found = {json.loads(p.read_text())["config"]["optimizer"]: p.parent.name
              for p in (tmp_path / "smoke").glob("*/metrics.json")}
@@ -199,7 +199,6 @@ def test_sweep_writes_one_directory_per_configuration(tmp_path: Path, launcher: 
     assert "optim=sgd" in found["sgd"] and "optim=sam" in found["sam"]
     for p in (tmp_path / "smoke").glob("*/metrics.json"):
         assert json.loads(p.read_text())["status"] == "completed"
-    # every job reports back, wherever the launcher ran it (joblib: worker processes)
     assert "sam-train: sweep: 2 of 2 jobs completed" in result.stdout, result.stdout[-2000:]
 
 
