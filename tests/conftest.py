@@ -7,12 +7,10 @@ import os
 # One OpenMP thread, in this process and in every `sam-train` it starts (set before torch loads, which
 # reads it once), unless the caller chose a number. On 2 cores that other work shares, each parallel
 # region of a 2-thread op waits until the OS has scheduled both threads: on such a machine the
-# float-heavy unit test files took 401 s with 2 threads and 219 s with 1, the PyHessian test 159 s
-# and 19 s, a PyramidNet-272 step 24 s and 2.3 s. The second core pays only on a quiet machine.
+# float-heavy unit test files took 401 s with 2 threads and 219 s with 1, the PyHessian test up to
+# 159 s and 19 s, a PyramidNet-272 step 24 s and 2.3 s. The second core pays only on a quiet machine.
 # No verdict depends on it (tests compare runs on one machine with one setting, or in float64).
-# Threads that wait sleep instead of spinning, should a caller ask for more than one.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import subprocess
 import sys
 from pathlib import Path
