@@ -9,20 +9,12 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import sam_train
-
-RUN = ["experiment=smoke", "dataset.train_size=512", "dataset.test_size=128", "batch_size=64", "epochs=6",
-       "engine.deterministic=true", "engine.progress=false"]
-TIMING = {"epoch_s", "images_per_s"}
+from tests.conftest import RESUMABLE, only_run_dir, rows_without_timing, sam_train
 
 
 def test_slurm_launcher_preset_composes_onto_submitit(tmp_path: Path) -> None:
@@ -41,75 +33,47 @@ def test_slurm_launcher_preset_composes_onto_submitit(tmp_path: Path) -> None:
     assert (launcher["partition"], launcher["timeout_min"]) == ("gpu", 60)
 
 
-def descendants(pid: int) -> list[int]:
-    """Every process below `pid` (from /proc: no psutil)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    out, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            out.append(child)
-            todo.append(child)
-    return out
-
-
-def cmdline(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-    except OSError:
-        return ""
-
-
-def rows_without_timing(run_dir: Path) -> list[dict]:
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
-
-
-def one_run_dir(root: Path) -> Path:
-    found = [p.parent for p in root.rglob("metrics.json")]
-    assert len(found) == 1, found
-    return found[0]
+# A sitecustomize for the submitit job process only (the task submitit's controller starts; it sets
+# SUBMITIT_LOCAL_JOB_ID): right after epoch PREEMPT_AFTER_EPOCH's row is logged, the job sends itself
+# SIGUSR2, what SLURM sends before a time limit or on preemption. Python runs submitit's handler as
+# soon as os.kill returns, so the preemption lands at that point of the program on every machine and
+# under any load, not when a poller happens to look. The mark file keeps the requeued job from
+# preempting itself again.
+PREEMPTER = """
+import os
+if os.environ.get("SUBMITIT_LOCAL_JOB_ID") and not os.path.exists(os.environ["PREEMPT_MARK"]):
+    import signal
+    from sam_repro import runlog
+    AT = int(os.environ["PREEMPT_AFTER_EPOCH"])
+    log_epoch = runlog.RunLog.log_epoch
+    def preempting_log_epoch(self, row, history, wall_s):
+        log_epoch(self, row, history, wall_s)
+        if row["epoch"] == AT:
+            open(os.environ["PREEMPT_MARK"], "w").close()
+            os.kill(os.getpid(), signal.SIGUSR2)
+    runlog.RunLog.log_epoch = preempting_log_epoch
+"""
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds the job's process through /proc")
-def test_preempted_job_is_requeued_and_resumes_to_the_uninterrupted_result(tmp_path: Path) -> None:
-    straight = sam_train(["-m", *RUN, f"runs_root={tmp_path / 'straight'}"], cwd=tmp_path)
-    assert straight.returncode == 0, straight.stderr[-3000:]
-
-    exe = Path(sys.executable).parent / "sam-train"
+def test_preempted_job_is_requeued_and_resumes_to_the_uninterrupted_result(tmp_path: Path,
+                                                                           uninterrupted_runs: Path) -> None:
+    (tmp_path / "hook").mkdir()
+    (tmp_path / "hook" / "sitecustomize.py").write_text(PREEMPTER)
+    path = os.pathsep.join([str(tmp_path / "hook"), *filter(None, [os.environ.get("PYTHONPATH")])])
     runs = tmp_path / "preempted"
-    proc = subprocess.Popen([str(exe), "-m", "hydra/launcher=submitit_local", *RUN, f"runs_root={runs}"], cwd=tmp_path,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "SAM_DATA": str(tmp_path / "no-data")})
-    try:
-        deadline = time.time() + 180
-        while time.time() < deadline and proc.poll() is None:
-            done = list(runs.rglob("metrics.jsonl"))
-            if done and len(done[0].read_text().splitlines()) >= 2:
-                break
-            time.sleep(0.05)
-        jobs = [pid for pid in descendants(proc.pid) if "submitit.core._submit" in cmdline(pid)]
-        assert len(jobs) == 1, "the submitit job process"
-        os.kill(jobs[0], signal.SIGUSR2)  # what SLURM sends signal_delay_s before the end, or on preemption
-        assert proc.wait(timeout=240) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
+    preempted = sam_train(["-m", "hydra/launcher=submitit_local", *RESUMABLE, f"runs_root={runs}"], cwd=tmp_path,
+                          env={"PYTHONPATH": path, "PREEMPT_AFTER_EPOCH": "1", "PREEMPT_MARK": str(tmp_path / "preempted.mark")})
+    assert preempted.returncode == 0, preempted.stderr[-3000:]
+    assert (tmp_path / "preempted.mark").exists(), "the job never logged epoch 1"
 
-    run = one_run_dir(runs)
+    run = only_run_dir(runs)
     log = (run / "train.log").read_text()
     assert "Caught signal SIGUSR2" in log and "Requeued job" in log, log[-2000:]
     resumed_at = [line for line in log.splitlines() if "resuming" in line]
-    assert len(resumed_at) == 1 and " after epoch 6 " not in resumed_at[0], "the signal must land mid-run"
+    assert len(resumed_at) == 1 and " after epoch 1 " in resumed_at[0], resumed_at
     summary = json.loads((run / "metrics.json").read_text())
-    assert summary["status"] == "completed" and summary["epochs_done"] == 6
-    reference = one_run_dir(tmp_path / "straight")
+    assert summary["status"] == "completed" and summary["epochs_done"] == 3
+    reference = only_run_dir(uninterrupted_runs)
     assert rows_without_timing(run) == rows_without_timing(reference)
     assert summary["final"] == json.loads((reference / "metrics.json").read_text())["final"]

@@ -15,7 +15,7 @@ def test_presets_named_by_fill_commands_produce_runs_that_fill_those_cells() -> 
     from sam_repro.report.paper import expected, fill_command
     from sam_repro.report.tables import differences, paper_cells
     from sam_repro.runlog import summary_config
-    from tests.conftest import REPO, compose_config
+    from tests.conftest import REPO, composed_shared
 
     checked = 0
     for _, cell in paper_cells().iterrows():
@@ -24,7 +24,7 @@ def test_presets_named_by_fill_commands_produce_runs_that_fill_those_cells() -> 
         cmd = fill_command(int(cell["table"]), cell, [cell["method"]])
         overrides = [o for o in re.findall(r"(\S+=\S+)", cmd) if not o.startswith("seed=")]
         assert (REPO / "configs/experiment" / f"{overrides[0].split('=')[1]}.yaml").is_file(), cmd
-        cfg = compose_config(overrides)
+        cfg = composed_shared(overrides)  # read only; tests/test_scripts.py composes the same 138 settings
         setting = {**summary_config(cfg, "bf16"), "data.source": cfg.dataset.source}  # what the run would log
         assert differences(setting, expected(cell)) == [], cmd
         checked += 1

@@ -172,13 +172,13 @@ def test_table2_presets_carry_the_recipe_and_scale_lr_with_the_batch() -> None:
 @pytest.mark.slow
 def test_sam_train_on_an_imagenet_folder(tiny: Path, tmp_path: Path) -> None:
     result = sam_train(["experiment=t2_imagenet_resnet50_100ep", "dataset.source=folder", f"dataset.root={tiny}",
-                        "dataset.input_size=32", "epochs=2", "batch_size=12", "engine.device=cpu",
+                        "dataset.input_size=32", "epochs=1", "batch_size=12", "engine.device=cpu",
                         "engine.num_workers=2", "engine.eval_batch_size=12", "engine.progress=false",
                         f"runs_root={tmp_path}"], cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     run = next(tmp_path.rglob("metrics.json")).parent
     summary = json.loads((run / "metrics.json").read_text())
-    assert summary["status"] == "completed" and summary["epochs_done"] == 2
+    assert summary["status"] == "completed" and summary["epochs_done"] == 1  # one epoch: what each check needs
     assert summary["data"]["source"] == "folder" and (summary["data"]["train_size"], summary["data"]["test_size"]) == (36, 24)
     assert summary["config"]["lr"] == pytest.approx(12 / 4096) and summary["config"]["label_smoothing"] == 0.1
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]

@@ -169,18 +169,6 @@ def test_a_missing_extra_is_one_line_and_exit_2_before_any_data_is_read(tmp_path
 
 
 # -- end to end (slow) ---------------------------------------------------------------------------------
-@pytest.mark.slow
-def test_a_smoke_run_logs_every_row_to_every_tracker(tmp_path: Path) -> None:
-    runs = tmp_path / "runs"
-    result = sam_train([*TINY, "epochs=2", ALL, f"runs_root={runs}"], cwd=tmp_path, env=offline_env(tmp_path))
-    assert result.returncode == 0, result.stderr[-3000:]
-    run_dir = only_run_dir(runs)
-    assert "logger" not in run_dir.name  # trackers do not change the run (nor its directory)
-    rows = read_rows(run_dir)
-    assert all(r["perturbation_norm"] == pytest.approx(0.05, rel=1e-5) and r["grad_norm"] > 0 for r in rows)
-    assert_trackers_hold(run_dir, runs, epochs=2)
-
-
 KILLER = textwrap.dedent("""
     # Deterministic hard kill: SIGKILL at a fixed point of the program, not after a timer. Epoch KILL_AT
     # is checkpointed, then the process dies before its row reaches metrics.jsonl and the trackers.
@@ -200,7 +188,10 @@ KILLER = textwrap.dedent("""
 
 
 @pytest.mark.slow
-def test_a_killed_and_resumed_run_continues_the_same_tracker_runs_each_epoch_once(tmp_path: Path) -> None:
+def test_a_killed_and_resumed_run_logs_every_row_to_every_tracker_once_in_the_same_tracker_runs(tmp_path: Path) -> None:
+    """One run for both: a fresh start (epoch 1 logged; killed once epoch 2 is checkpointed, before its
+    row reaches metrics.jsonl and the trackers), a resume (epochs 2-3), and at the end each tracker
+    holds exactly metrics.jsonl, each epoch once, in the tracker run it started with."""
     runs = tmp_path / "runs"
     args = [*TINY, "epochs=3", ALL, f"runs_root={runs}"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "SAM_DATA": str(tmp_path / "no-data"), **offline_env(tmp_path),
@@ -209,6 +200,7 @@ def test_a_killed_and_resumed_run_continues_the_same_tracker_runs_each_epoch_onc
                             text=True, timeout=300)
     assert killed.returncode == -9, killed.stderr[-3000:]
     run_dir = only_run_dir(runs)
+    assert "logger" not in run_dir.name  # trackers do not change the run (nor its directory)
     state = json.loads((run_dir / "trackers.json").read_text())
     assert {s["logged_epoch"] for s in state.values()} == {1}  # epoch 2 was checkpointed, not logged
 
@@ -219,4 +211,6 @@ def test_a_killed_and_resumed_run_continues_the_same_tracker_runs_each_epoch_onc
     assert {name: s["run_id"] for name, s in after.items() if "run_id" in s} == \
         {name: s["run_id"] for name, s in state.items() if "run_id" in s}
     assert len(list((run_dir / "wandb").glob("offline-run-*"))) == 2  # two sessions, one W&B run id
+    rows = read_rows(run_dir)
+    assert all(r["perturbation_norm"] == pytest.approx(0.05, rel=1e-5) and r["grad_norm"] > 0 for r in rows)
     assert_trackers_hold(run_dir, runs, epochs=3)
