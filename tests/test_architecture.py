@@ -1,4 +1,5 @@
-"""The import rules of docs/architecture.md, read from the source (every import, top-level or deferred):
+"""The import rules of docs/architecture.md, read from the source (every import, top-level or deferred;
+not those under `if TYPE_CHECKING:`, which exist for annotations only):
 no import circle, each layer imports only the layers below it, nothing below the engine imports the
 engine, the readers of run directories (report, sharpness) never import it, and no module reaches
 into another module's private names."""
@@ -47,7 +48,12 @@ def imports_of(module: str) -> list[tuple[str, ast.AST, list[str]]]:
     path = SOURCES[module]
     package = module if path.name == "__init__.py" else module.rpartition(".")[0]
     out = []
-    for node in ast.walk(ast.parse(path.read_text())):
+    tree = ast.parse(path.read_text())
+    type_only = {id(n) for block in ast.walk(tree) if isinstance(block, ast.If) and ast.unparse(block.test) == "TYPE_CHECKING"
+                 for stmt in block.body for n in ast.walk(stmt)}
+    for node in ast.walk(tree):
+        if id(node) in type_only:  # `if TYPE_CHECKING:` imports are for annotations: no dependency at run time
+            continue
         if isinstance(node, ast.Import):
             out += [(alias.name, node, []) for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
