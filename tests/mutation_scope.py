@@ -36,6 +36,8 @@ SCOPE: dict[str, tuple[str, ...]] = {
     "sam_repro.engine.eager": ("tests/test_step.py", "tests/test_sam_norms.py", "tests/test_step_grad_reduce.py"),
     "sam_repro.engine.grid": ("tests/test_step.py", "tests/test_per_device.py", "tests/test_step_layouts.py",
                               "tests/test_step_grad_reduce.py", "tests/test_sam_norms.py"),
+    "sam_repro.engine.loop": ("tests/test_loop.py", "tests/test_packing.py"),
+    "sam_repro.engine.packing": ("tests/test_packing.py",),
     "sam_repro.engine.schedule": ("tests/test_schedule.py",),
     "sam_repro.rundir": ("tests/test_checkpoint.py", "tests/test_rundir_faults.py"),
     "sam_repro.data.noise": ("tests/test_label_noise.py", "tests/test_data_sources.py"),

@@ -341,38 +341,3 @@ def test_a_pack_in_channels_last_equals_its_solo_runs_and_keeps_the_members_layo
         assert worst_relative_gap(tmp_path / f"solo{i}", tmp_path / f"pack{i}") < 1e-9
         convs = [p for p in run.model.parameters() if p.dim() == 4]
         assert convs and all(p.is_contiguous(memory_format=torch.channels_last) for p in convs)
-
-
-@pytest.mark.parametrize("seconds, packed", [((1.0, 2.0), True), ((2.0, 1.0), False)])
-def test_auto_packs_only_where_a_packed_step_is_faster_than_the_solo_steps(tmp_path: Path, monkeypatch, caplog,
-                                                                             seconds, packed: bool) -> None:
-    """engine.pack_execution=auto times one packed step against the solo steps (stubbed here: timing is
-    the machine's); slower, the runs train one after another, each exactly its solo run."""
-    from sam_repro.engine import packing
-
-    monkeypatch.setattr(packing, "step_seconds", lambda runs, epoch: seconds)
-    cfgs = configs("sgd", extra=("engine.pack_execution=auto",))[:2]
-    with caplog.at_level("INFO", logger="sam_repro"):
-        assert fit_pack([(cfg, tmp_path / f"pack{i}") for i, cfg in enumerate(cfgs)]) == [0, 0]
-    ratio = seconds[1] / seconds[0]
-    assert f"({ratio:.2f}x the solo throughput)" in caplog.text
-    assert ("packed: " in caplog.text) == packed
-    assert ("packing does not pay on this machine" in caplog.text) == (not packed)
-    for i, cfg in enumerate(cfgs):
-        fit(cfg, tmp_path / f"solo{i}")
-        assert worst_relative_gap(tmp_path / f"solo{i}", tmp_path / f"pack{i}") < 1e-9
-
-
-def test_timing_a_pack_leaves_its_runs_untouched(tmp_path: Path) -> None:
-    from sam_repro.engine.packing import step_seconds
-
-    runs = open_runs([(cfg, tmp_path / f"r{i}") for i, cfg in enumerate(configs("sam")[:2])])
-    before = [{k: v.clone() for k, v in run.model.state_dict().items()} for run in runs]
-    pack_s, solo_s = step_seconds(runs, epoch=1)
-    assert pack_s > 0 and solo_s > 0
-    for run, state in zip(runs, before):
-        assert all(torch.equal(state[k], v) for k, v in run.model.state_dict().items())
-        assert all(p.grad is None or not p.grad.any() for p in run.model.parameters())
-        assert not run.optimizer.state  # no step was taken with the run's own optimizer
-    for run in runs:
-        run.close()
