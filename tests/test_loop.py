@@ -262,3 +262,28 @@ def test_period_sums_on_the_device_and_counts_the_steps_with_sam_norms() -> None
 def test_each_epoch_draws_from_a_seed_of_its_own() -> None:
     seeds = {loop_module.epoch_seed(seed, epoch) for seed in range(4) for epoch in range(1, 200)}
     assert len(seeds) == 4 * 199 and loop_module.epoch_seed(0, 1) == 1 and loop_module.epoch_seed(1, 0) == 1_000_003
+
+
+def tiny_model(cfg, num_classes: int, in_chans: int) -> torch.nn.Module:
+    """The model of tests/fixtures/old_run_3904a77 (make.py)."""
+    return torch.nn.Sequential(torch.nn.Conv2d(in_chans, 4, 3, padding=1), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                               torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, num_classes))
+
+
+def test_a_run_directory_written_before_the_one_core_resumes_to_what_todays_code_trains(tmp_path: Path,
+                                                                                         monkeypatch) -> None:
+    import shutil
+
+    fixture = Path(__file__).resolve().parent / "fixtures" / "old_run_3904a77"
+    shutil.copytree(fixture, tmp_path / "old")
+    old_rows = rows(tmp_path / "old", timing=True)
+    monkeypatch.setattr(loop_module, "create_model_from_config", tiny_model)
+    cfg = compose_config(["experiment=smoke", "dataset.image_size=8", "dataset.train_size=64", "dataset.test_size=32",
+                          "batch_size=32", "epochs=2", "engine.progress=false", "engine.precision=fp64",
+                          "augment=none", "optim=sam"])
+    assert fit(cfg, tmp_path / "old") == 0
+    assert fit(cfg, tmp_path / "new") == 0
+    resumed = rows(tmp_path / "old", timing=True)
+    assert resumed[0] == old_rows[0]  # the old row kept byte for byte, the second one added
+    assert_same_rows(rows(tmp_path / "new"), rows(tmp_path / "old"))
+    assert summary(tmp_path / "old")["status"] == "completed" and summary(tmp_path / "old")["epochs_done"] == 2

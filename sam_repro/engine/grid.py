@@ -251,10 +251,12 @@ class GridStep:
         with self.passes.first_pass(uses_sam=True):
             at_w, _ = self._over_grid(grad(loss_of, has_aux=True), (0, 0, 0, 0), (None, 0, 0, 0))(
                 dict(self.weights), stats, xg, yg)
-        e = {n: _owned(at_w[n]) for n in self.names}
+        grad_w = {n: _owned(at_w[n]) for n in self.names}
         with torch.no_grad():
-            self._add_l2(e, lambda n: self.weights[n].unsqueeze(1), scale, per_device=True)
-            # 2. each member's own SAM turns its rows into e (its rho, one norm per device), in place
+            self._add_l2(grad_w, lambda n: self.weights[n].unsqueeze(1), scale, per_device=True)
+            # 2. each member's own SAM turns its rows of the gradient into e (its rho, one norm per
+            # device), in the gradient's memory: from here on that memory holds e
+            e = grad_w
             for i, member in enumerate(self.members):
                 member.sam.grouped_perturbation(self.member_params[i], [e[n][i] for n in self.names])
         # 3. one forward/backward at the P x k perturbed weight sets
