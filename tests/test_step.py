@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import math
 from typing import Optional
 
@@ -55,8 +56,7 @@ def optim_cfg(name: str = "sam", **kw) -> OptimConfig:
 
 def engine_step(model: nn.Module, ocfg: OptimConfig, x, y, steps: int = 1, **step_kw) -> TrainStep:
     opt, sam = build_optimizer(model, ocfg)
-    cfg = StepConfig(m=ocfg.m, bn_stats=ocfg.bn_stats, grad_clip=ocfg.grad_clip,
-                     label_smoothing=ocfg.label_smoothing, true_gradient=ocfg.true_gradient, **step_kw)
+    cfg = dataclasses.replace(StepConfig.of(ocfg), **step_kw)
     step = TrainStep(model, opt, sam, cfg)
     model.train()
     for _ in range(steps):

@@ -195,10 +195,7 @@ class Run:
         self.lr = LrSetter(self.optimizer, cfg.sched, self.total_steps, self.steps_per_epoch)
         self.scaler = torch.amp.GradScaler(rt.device.type) if rt.precision == "fp16" else None
         self.top5 = bundle.num_classes > 10
-        self.step_config = StepConfig(
-            m=cfg.optim.m, device_batch=cfg.device_batch, bn_stats=cfg.optim.bn_stats, grad_clip=cfg.optim.grad_clip,
-            label_smoothing=cfg.optim.label_smoothing, true_gradient=cfg.optim.true_gradient,
-            shakedrop_mask=cfg.optim.shakedrop_mask, autocast_dtype=rt.autocast_dtype, channels_last=rt.channels_last)
+        self.step_config = StepConfig.of(cfg.optim, cfg.device_batch, rt.autocast_dtype, rt.channels_last)
         self.forward_model = self._compiled(self.model)  # evaluation, and training in a single process
         self.runlog = (RunLog(self.run_dir, cfg.name, summary_config(cfg, rt.precision, rt.world_size),
                               environment(rt.device), bundle.info, trackers=Trackers(cfg, self.run_dir))

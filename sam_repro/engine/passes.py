@@ -22,6 +22,7 @@ from typing import Callable, ContextManager, Iterator, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from sam_repro.config import OptimConfig
 from sam_repro.models.stochastic import RandomDraws, ShakeDrop, StochasticLayer
 from sam_repro.optim.sam import SAM
 
@@ -42,6 +43,14 @@ class StepConfig:
     shakedrop_mask: str = "fresh"
     autocast_dtype: Optional[torch.dtype] = None  # None = fp32
     channels_last: bool = False
+
+    @classmethod
+    def of(cls, optim: "OptimConfig", device_batch: Optional[int] = None, autocast_dtype: Optional[torch.dtype] = None,
+           channels_last: bool = False) -> "StepConfig":
+        """The step's switches as a run's `optim.*` config (and its device batch and runtime) set them."""
+        return cls(m=optim.m, device_batch=device_batch, bn_stats=optim.bn_stats, grad_clip=optim.grad_clip,
+                   label_smoothing=optim.label_smoothing, true_gradient=optim.true_gradient,
+                   shakedrop_mask=optim.shakedrop_mask, autocast_dtype=autocast_dtype, channels_last=channels_last)
 
 
 @dataclass
