@@ -36,6 +36,7 @@ from sam_repro.data import load_data, make_train_loader  # noqa: E402
 from sam_repro.engine.step import StepConfig, TrainStep  # noqa: E402
 from sam_repro.models import create_model  # noqa: E402
 from sam_repro.optim.factory import build_optimizer  # noqa: E402
+from sam_repro.runlog import cpu_name  # noqa: E402
 
 GPU_SUITE = [dict(model="wrn28_10", batch=128), dict(model="resnet32", batch=128),
              dict(model="resnet32", batch=128, cuda_graphs=True)]
@@ -115,7 +116,7 @@ def main() -> int:
     workers = args.workers or max(1, (os.cpu_count() or 2) - 1)
     sha = git_sha()
     for spec in (GPU_SUITE if cuda else CPU_SUITE):
-        result = {**spec, "device": torch.cuda.get_device_name(device) if cuda else "cpu", "torch": torch.__version__,
+        result = {**spec, "device": torch.cuda.get_device_name(device) if cuda else cpu_name(), "torch": torch.__version__,
                   "data": bundle.info["source"], "train_size": bundle.info["train_size"], "reference_workers": workers}
         for name, build in (("ours", lambda: ours(bundle, spec, device, augment)),
                             ("reference", lambda: reference(bundle, spec, device, augment, workers))):

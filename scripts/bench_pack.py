@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -30,6 +29,7 @@ from bench_step import emit, git_sha  # noqa: E402
 from sam_repro.config import config_dir, register_configs  # noqa: E402
 from sam_repro.engine.grid import GridStep  # noqa: E402
 from sam_repro.engine.loop import Run  # noqa: E402
+from sam_repro.runlog import cpu_name  # noqa: E402
 
 
 def compose(overrides: list[str]):
@@ -119,7 +119,7 @@ def profile(step: GridStep, batch: tuple[torch.Tensor, torch.Tensor], device: to
 
 def environment(device: torch.device) -> dict:
     env = {"torch": torch.__version__, "device": str(device), "threads": torch.get_num_threads(),
-           "cpu": platform.processor() or platform.machine(), "cores": os.cpu_count()}
+           "cpu": cpu_name(), "cores": os.cpu_count()}
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
     return env

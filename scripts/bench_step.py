@@ -32,6 +32,7 @@ from sam_repro.config import OptimConfig  # noqa: E402
 from sam_repro.engine.step import StepConfig, TrainStep  # noqa: E402
 from sam_repro.models import create_model  # noqa: E402
 from sam_repro.optim import SAM  # noqa: E402
+from sam_repro.runlog import cpu_name  # noqa: E402
 from sam_repro.optim.factory import build_optimizer  # noqa: E402
 
 # The GPU suite of issue 2: the configurations whose targets it names.
@@ -183,7 +184,7 @@ def bench(spec: dict, device: torch.device, warmup: int, steps: int, rounds: int
     ms, peaks = time_variants(make_variants(Forward(), x, y, dtype), device, warmup, steps, rounds)
     param_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     out = {
-        **spec, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        **spec, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "torch": torch.__version__, "params_M": round(sum(p.numel() for p in model.parameters()) / 1e6, 3),
         "ms": {k: round(v, 3) for k, v in ms.items()},
         "images_per_s": {k: round(spec["batch"] * 1000 / v, 1) for k, v in ms.items()},
@@ -218,7 +219,7 @@ def bench_per_device(spec: dict, device: torch.device, warmup: int, steps: int, 
             variants[f"{name}_{label}"] = (lambda s: lambda: s(x, y))(step)
     ms, peaks = time_variants(variants, device, warmup, steps, rounds)
     return {
-        **spec, "kind": "per_device_step", "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        **spec, "kind": "per_device_step", "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "torch": torch.__version__, "ms": {k: round(v, 3) for k, v in ms.items()},
         "images_per_s": {k: round(spec["batch"] * 1000 / v, 1) for k, v in ms.items()},
         "per_device_over_one_device_sam": round(ms["sam_per_device"] / ms["sam_one_device"], 3),
