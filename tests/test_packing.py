@@ -55,3 +55,22 @@ def test_timing_a_pack_leaves_its_runs_untouched(tmp_path: Path) -> None:
         assert not run.optimizer.state  # no step was taken with the run's own optimizer
     for run in runs:
         run.close()
+
+
+def test_a_model_with_a_frozen_parameter_trains_alone(tmp_path: Path, monkeypatch, caplog) -> None:
+    """Each member's frozen parameter is its own (its seed drew it); the pack's one module copy would
+    give every member the first member's."""
+    from sam_repro.engine import loop as loop_module
+
+    real = loop_module.create_model_from_config
+
+    def with_frozen(cfg, num_classes: int, in_chans: int) -> torch.nn.Module:
+        model = real(cfg, num_classes=num_classes, in_chans=in_chans)
+        model.register_parameter("frozen", torch.nn.Parameter(torch.randn(3), requires_grad=False))
+        return model
+
+    monkeypatch.setattr(loop_module, "create_model_from_config", with_frozen)
+    monkeypatch.setattr(packing, "step_seconds", lambda runs, epoch: pytest.fail("timed"))
+    with caplog.at_level("INFO", logger="sam_repro"):
+        fit_pack([(cfg, tmp_path / f"p{i}") for i, cfg in enumerate(cfgs("engine.pack_execution=pack"))])
+    assert "the model has frozen parameters" in caplog.text and "packed: " not in caplog.text

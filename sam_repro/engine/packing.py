@@ -73,6 +73,9 @@ def step_seconds(runs: Sequence["Run"], epoch: int) -> tuple[float, float]:
 def pack_pays(runs: Sequence["Run"], epoch: int) -> tuple[bool, str]:
     """(whether to train `runs` as one pack, the log line that says why), by `engine.pack_execution`."""
     execution = runs[0].cfg.engine.pack_execution
+    if any(not p.requires_grad for p in runs[0].model.parameters()):
+        # the pack calls one copy of the module; a frozen parameter would be that copy's, not each member's
+        return False, "the model has frozen parameters, which a pack does not stack: the runs train one after another"
     if execution != "auto":
         return execution == "pack", f"engine.pack_execution={execution}"
     pack_s, solo_s = step_seconds(runs, epoch)
