@@ -6,7 +6,7 @@ noise) and GSAM's rho schedule are injected where the fixtures' README says to."
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable
 
 import numpy as np
 import pytest

@@ -30,7 +30,8 @@ def device_norms(tensors: Sequence[Tensor]) -> Tensor:
     k = tensors[0].shape[0]
     rows = [row for t in tensors for row in t.unbind(0)]
     norms = torch._foreach_norm(rows, 2, dtype=accumulation_dtype(tensors))
-    return torch.stack(norms).view(len(tensors), k).square().sum(dim=0).sqrt()
+    # the norm of the parts' norms, as SAM.first_step takes it (so that the reductions to SAM are exact)
+    return torch.linalg.vector_norm(torch.stack(norms).view(len(tensors), k), 2, dim=0)
 
 
 def tensor_norms(tensors: Sequence[Tensor]) -> Tensor:
