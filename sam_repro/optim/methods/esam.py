@@ -130,10 +130,11 @@ class ESAM(MethodOptimizer):
 
     def __init__(self, params: Iterable[Any], base_optimizer_cls: type[torch.optim.Optimizer], rho: float = 0.05,
                  beta: float = 0.6, gamma: float = 0.5, selection: str = "strict", swp_draw: str = "end_of_step",
-                 eps: float = 1e-7, seed: Optional[int] = None, **base_kwargs: Any) -> None:
+                 sharpness_bn: str = "update", eps: float = 1e-7, seed: Optional[int] = None, **base_kwargs: Any) -> None:
+        """`seed` seeds the SWP draws (None: torch's current seed); `sharpness_bn` is for the engine."""
         seed = torch.initial_seed() if seed is None else seed
-        super().__init__(params, base_optimizer_cls, ESAMRule(rho, beta, gamma, selection, swp_draw, eps=eps, seed=seed),
-                         **base_kwargs)
+        super().__init__(params, base_optimizer_cls,
+                         ESAMRule(rho, beta, gamma, selection, swp_draw, sharpness_bn, eps=eps, seed=seed), **base_kwargs)
 
     def keep_mask(self) -> list[bool]:
         """This step's SWP decisions, one per parameter (True: perturbed, with a gradient at w)."""
