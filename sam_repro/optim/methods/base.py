@@ -25,15 +25,19 @@ from sam_repro.optim.methods.kernels import device_norms, mul_rows_
 
 State = dict[str, Any]
 HOST, DEVICE = "host", "device"  # where a persistent state entry lives (a counter on the host, a mean with the weights)
+# How the gradient at w + e becomes the applied one: as it is (SAM); by combine() on each device's own
+# gradients, then averaged over the devices (GSAM, LookSAM, RWP); by combine() on gradients already
+# averaged over every device and process, its kept copy of the gradient at w included (WSAM).
+COMBINE_NONE, COMBINE_PER_DEVICE, COMBINE_ON_MEAN = "none", "per_device", "on_mean"
 
 
 @dataclass(frozen=True)
 class Needs:
     """What a method asks of the step that drives it, beyond SAM's two passes on one batch."""
 
-    keeps_first_gradient: bool = False  # combine() reads the gradient at w (the rule keeps its own copy)
+    combine: str = COMBINE_NONE  # see COMBINE_* above
+    plain_per_device: bool = False  # a step without a perturbed pass needs each device's gradient at w (LookSAM)
     first_pass_synchronized: bool = False  # the gradient at w is averaged over all devices before e (VaSSO)
-    combines_on_mean: bool = False  # combine() wants gradients averaged over all devices (WSAM), not per device
     skips_perturbation: bool = False  # on some steps no perturbed pass: rule.perturbs(state) says which
     partial_first_pass: bool = False  # only rule.first_pass_mask(state)'s tensors need a gradient at w (ESAM)
     selects_examples: bool = False  # ESAM: per-example losses at w and at w + e, the perturbed pass on a subset
@@ -62,7 +66,7 @@ class Rule:
 
     def kept_first_gradient(self, state: State) -> Optional[list[Tensor]]:
         """The copy of the gradients at w that combine() reads, for a driver to average over processes
-        first when `needs.combines_on_mean` (None: the rule keeps none, or combines per device)."""
+        first when `needs.combine` is COMBINE_ON_MEAN (None: the rule keeps none)."""
         return None
 
     def combine(self, grads: list[Tensor], state: State) -> None:

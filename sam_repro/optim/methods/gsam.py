@@ -30,7 +30,7 @@ from typing import Any, ClassVar, Iterable, Optional, Sequence
 import torch
 from torch import Tensor
 
-from sam_repro.optim.methods.base import MethodOptimizer, Needs, Rule, State, scratch
+from sam_repro.optim.methods.base import COMBINE_PER_DEVICE, MethodOptimizer, Needs, Rule, State, scratch
 from sam_repro.optim.methods.kernels import add_rows_, device_dots, device_norms, mul_rows_
 
 GSAM_ADAPTIVE = ("none", "pytorch", "jax")
@@ -46,7 +46,7 @@ class GSAMRule(Rule):
     adaptive: str = "none"
     eps: float = 1e-12
 
-    needs: ClassVar[Needs] = Needs(keeps_first_gradient=True)
+    needs: ClassVar[Needs] = Needs(combine=COMBINE_PER_DEVICE)
 
     def __post_init__(self) -> None:
         if self.adaptive not in GSAM_ADAPTIVE:

@@ -26,8 +26,8 @@ from typing import Any, ClassVar, Iterable, Sequence
 import torch
 from torch import Tensor
 
-from sam_repro.optim.methods.base import (DEVICE, HOST, MethodOptimizer, Needs, Rule, State, check_rows, counter,
-                                          sam_direction_, scratch)
+from sam_repro.optim.methods.base import (COMBINE_PER_DEVICE, DEVICE, HOST, MethodOptimizer, Needs, Rule, State,
+                                          check_rows, counter, sam_direction_, scratch)
 from sam_repro.optim.methods.kernels import (add_rows_, device_dots, device_norms, tensor_dots, tensor_norms)
 
 LOOKSAM_PROJECTIONS = ("model", "tensor")
@@ -41,7 +41,7 @@ class LookSAMRule(Rule):
     projection: str = "model"
     eps: float = 1e-12
 
-    needs: ClassVar[Needs] = Needs(keeps_first_gradient=True, skips_perturbation=True)
+    needs: ClassVar[Needs] = Needs(combine=COMBINE_PER_DEVICE, plain_per_device=True, skips_perturbation=True)
     persistent: ClassVar[dict[str, str]] = {"step": HOST, "g_v": DEVICE}
 
     def __post_init__(self) -> None:

@@ -23,7 +23,7 @@ from typing import Any, ClassVar, Iterable, Optional, Sequence
 import torch
 from torch import Tensor
 
-from sam_repro.optim.methods.base import HOST, MethodOptimizer, Needs, Rule, State, scratch
+from sam_repro.optim.methods.base import COMBINE_PER_DEVICE, HOST, MethodOptimizer, Needs, Rule, State, scratch
 from sam_repro.optim.methods.kernels import device_norms
 
 
@@ -44,7 +44,7 @@ class RWPRule(Rule):
     gamma: float
     seed: int = 0
 
-    needs: ClassVar[Needs] = Needs(keeps_first_gradient=True, two_batches=True)
+    needs: ClassVar[Needs] = Needs(combine=COMBINE_PER_DEVICE, two_batches=True)
     persistent: ClassVar[dict[str, str]] = {"generator": HOST}
 
     def generator(self, state: State, device: torch.device) -> torch.Generator:

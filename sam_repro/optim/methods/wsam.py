@@ -24,7 +24,7 @@ from typing import Any, ClassVar, Iterable, Optional, Sequence
 import torch
 from torch import Tensor
 
-from sam_repro.optim.methods.base import MethodOptimizer, Needs, Rule, State, sam_direction_, scratch
+from sam_repro.optim.methods.base import COMBINE_ON_MEAN, MethodOptimizer, Needs, Rule, State, sam_direction_, scratch
 from sam_repro.optim.methods.kernels import clip_rows_
 
 
@@ -36,7 +36,7 @@ class WSAMRule(Rule):
     decouple: bool = True
     eps: float = 1e-12
 
-    needs: ClassVar[Needs] = Needs(keeps_first_gradient=True, combines_on_mean=True, after_step=True)
+    needs: ClassVar[Needs] = Needs(combine=COMBINE_ON_MEAN, after_step=True)
 
     @property
     def alpha(self) -> float:
