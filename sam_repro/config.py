@@ -120,7 +120,7 @@ class OptimConfig:
     gsam_alpha: float = keyed(0.4, roles=(MEMBER,))  # GSAM: weight of g0's component orthogonal to g1
     gsam_rho_min: Optional[float] = keyed(None, roles=(MEMBER,))  # GSAM: rho at the lr's minimum; null = optim.rho (constant)
     gsam_lr_min: float = keyed(0.0, roles=(MEMBER,))  # GSAM: the schedule's lowest lr (rho_min there, rho at optim.lr)
-    gsam_adaptive: str = "pytorch"  # GSAM's perturbation: none (paper, JAX default) | pytorch (T=|w| ASAM form) | jax (|w| g/||g||)
+    gsam_adaptive: str = "pytorch"  # GSAM: none (paper, JAX default) | pytorch (T=|w| ASAM form) | jax (|w| g / ||g||)
     esam_beta: float = 0.6  # ESAM SWP: probability that a tensor is perturbed (1 = every tensor)
     esam_gamma: float = 0.5  # ESAM SDS: fraction of the batch the perturbed pass keeps (1 = all)
     esam_selection: str = "strict"  # ESAM SDS: strict (released: loss rise > the k-th largest) | topk (paper: exactly k)

@@ -3,7 +3,9 @@ run (LookSAM, which has no released code; GSAM's JAX adaptive form; WSAM coupled
 reading), each against an independent reference written here, in float64."""
 from __future__ import annotations
 
+import contextlib
 import math
+from typing import Iterator
 
 import pytest
 import torch
@@ -244,3 +246,46 @@ def test_every_registered_method_has_a_class_a_rule_and_a_source() -> None:
         assert isinstance(opt, spec.optimizer) and isinstance(opt.rule, spec.rule) and spec.source and spec.paper
         forwards, backwards = opt.rule.passes_per_step()
         assert 1 < forwards <= 3 and 1 < backwards <= 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU: checks that the rules add no host sync")
+@pytest.mark.parametrize("name", sorted(BUILDERS))
+def test_the_hand_driven_step_adds_no_host_synchronization(name: str) -> None:
+    """After a first step (buffers allocated), the optimizer's own calls run with CUDA's sync debug mode
+    set to error: norms, scales, selections, draws and counters stay on the device or on the host."""
+    net = tiny_net().float().cuda()
+    opt = BUILDERS[name](net)
+    for t in range(3):
+        x, y = (v.cuda() for v in batch(t))
+        x = x.float()
+        checked = t > 0
+        if name == "esam":
+            with opt.first_pass():
+                before = F.cross_entropy(net(x), y, reduction="none")
+                before.mean().backward()
+            with sync_errors(checked):
+                opt.first_step(zero_grad=True)
+            with torch.no_grad():
+                after = F.cross_entropy(net(x), y, reduction="none")
+            with sync_errors(checked):
+                mask = opt.select(before.detach(), after)
+            F.cross_entropy(net(x[mask]), y[mask]).backward()  # boolean indexing: the caller's sync
+        else:
+            ce(net, x, y).backward()
+            with sync_errors(checked):
+                perturbed = opt.first_step(zero_grad=True)
+            if perturbed:
+                ce(net, x, y).backward()
+        with sync_errors(checked):
+            opt.second_step(zero_grad=True)
+    assert opt.last_grad_norm.is_cuda
+
+
+@contextlib.contextmanager
+def sync_errors(on: bool) -> Iterator[None]:
+    if on:
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -1,13 +1,14 @@
 """GSAM: Surrogate Gap Guided Sharpness-Aware Minimization (Zhuang et al., ICLR 2022).
 
     opt = GSAM(model.parameters(), torch.optim.SGD, rho_max=0.05, rho_min=0.01, alpha=0.3,
-               lr=0.1, momentum=0.9, weight_decay=5e-4)
+               lr=0.1, momentum=0.9, weight_decay=5e-4)     # lr_max = 0.1 (the lr given), lr_min = 0
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt.base_optimizer, T_max=steps)
     for x, y in batches:
-        set_lr(opt, schedule(step))                     # rho follows the lr (rho_min at lr_min, rho_max at lr_max)
         loss_fn(model(x), y).backward()
-        opt.first_step(zero_grad=True)                  # w -> w + e, e = rho_t g / ||g||
+        opt.first_step(zero_grad=True)       # w -> w + e, rho_t from the lr in use
         loss_fn(model(x), y).backward()
-        opt.second_step(zero_grad=True)                 # g1 - alpha * (g0's component orthogonal to g1)
+        opt.second_step(zero_grad=True)      # g1 - alpha * (g0's component orthogonal to g1), base step
+        sched.step()
 
 Per device, from g0 (at w) and g1 (at w + e):
     rho_t = rho_min + (rho_max - rho_min) (lr - lr_min) / (lr_max - lr_min)   (rho_max if lr_max = lr_min)
