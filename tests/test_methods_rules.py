@@ -38,18 +38,40 @@ def test_a_per_device_method_over_k_devices_is_k_single_devices(name: str) -> No
         perturbs = together.perturbs_now()
         assert all(a.perturbs_now() == perturbs for a in alone)
         e = together.grouped_perturbation(together.params, [g.clone() for g in at_w]) if perturbs else None
-        applied = (together.grouped_combine([g.clone() for g in at_e]) if perturbs
-                   else together.grouped_plain([g.clone() for g in at_w]))
+        applied = (together.grouped_combine(together.params, [g.clone() for g in at_e]) if perturbs
+                   else together.grouped_plain(together.params, [g.clone() for g in at_w]))
         for d, one in enumerate(alone):
             if perturbs:
                 e_d = one.grouped_perturbation(one.params, [g[d:d + 1].clone() for g in at_w])
                 assert all(torch.allclose(x[d:d + 1], y, rtol=0, atol=1e-15) for x, y in zip(e, e_d))
-                a_d = one.grouped_combine([g[d:d + 1].clone() for g in at_e])
+                a_d = one.grouped_combine(one.params, [g[d:d + 1].clone() for g in at_e])
             else:
-                a_d = one.grouped_plain([g[d:d + 1].clone() for g in at_w])
+                a_d = one.grouped_plain(one.params, [g[d:d + 1].clone() for g in at_w])
             assert all(torch.allclose(x[d:d + 1], y, rtol=0, atol=1e-15) for x, y in zip(applied, a_d))
             one.finish_step()
         together.finish_step()
+
+
+@pytest.mark.parametrize("name", ["gsam", "fsam", "samon", "asam_on", "looksam", "wsam", "rwp"])
+def test_the_engine_may_hand_the_tensors_in_its_own_order(name: str) -> None:
+    """The engine lists parameters in the module's order, the optimizer in its param groups' (the
+    factory groups them by decay): the method's masks and states follow its own order whatever the
+    caller's. Reversed lists give the reversed results of the optimizer's order."""
+    k = 2
+    a, b = BUILDERS[name](tiny_net()), BUILDERS[name](tiny_net())
+    if name == "rwp":
+        b.method_state["generator"] = torch.Generator().manual_seed(0)
+        a.method_state["generator"] = torch.Generator().manual_seed(0)
+    for step in range(2):
+        at_w, at_e = device_grads(a, k, 2 * step), device_grads(a, k, 2 * step + 1)
+        e = a.grouped_perturbation(a.params, [g.clone() for g in at_w])
+        e_rev = b.grouped_perturbation(b.params[::-1], [g.clone() for g in at_w[::-1]])
+        assert all(torch.equal(x, y) for x, y in zip(e, e_rev[::-1]))
+        c = a.grouped_combine(a.params, [g.clone() for g in at_e])
+        c_rev = b.grouped_combine(b.params[::-1], [g.clone() for g in at_e[::-1]])
+        assert all(torch.equal(x, y) for x, y in zip(c, c_rev[::-1]))
+        a.finish_step()
+        b.finish_step()
 
 
 def test_vasso_over_k_devices_perturbs_all_of_them_with_the_mean_gradient() -> None:
@@ -69,7 +91,7 @@ def test_wsam_over_k_devices_perturbs_per_device_and_combines_the_clipped_means(
     opt = WSAM(tiny_net().parameters(), torch.optim.SGD, rho=0.05, gamma=0.88, max_norm=max_norm, **SGD_KWARGS)
     at_w, at_e = device_grads(opt, k, 0), device_grads(opt, k, 1)
     e = opt.grouped_perturbation(opt.params, [g.clone() for g in at_w])
-    applied = opt.grouped_combine([g.clone() for g in at_e])
+    applied = opt.grouped_combine(opt.params, [g.clone() for g in at_e])
 
     def clipped_mean(grads: list[torch.Tensor]) -> list[torch.Tensor]:
         mean = [g.mean(0) for g in grads]
@@ -197,7 +219,7 @@ def test_wsam_coupled_hands_the_weighted_sum_to_the_base_optimizer() -> None:
     opt = WSAM(tiny_net().parameters(), torch.optim.SGD, rho=0.05, gamma=0.6, max_norm=None, decouple=False, **SGD_KWARGS)
     at_w, at_e = device_grads(opt, 1, 0), device_grads(opt, 1, 1)
     opt.grouped_perturbation(opt.params, [g.clone() for g in at_w])
-    applied = opt.grouped_combine([g.clone() for g in at_e])
+    applied = opt.grouped_combine(opt.params, [g.clone() for g in at_e])
     alpha = 0.6 / 0.4
     assert all(torch.allclose(a, alpha * b + (1 - alpha) * c, rtol=0, atol=1e-15) for a, b, c in zip(applied, at_e, at_w))
 

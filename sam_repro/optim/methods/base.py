@@ -171,24 +171,39 @@ class MethodOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def grouped_perturbation(self, params: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
-        """e for k devices at once, in place in `grads` (each (k, *shape): the devices' gradients at w):
-        the engine's per-device call, with the signature of `SAM.grouped_perturbation`."""
-        norm = self.rule.perturbation(params, grads, self.method_state, self.lr)
+        """e for k devices at once, in place in `grads` (each (k, *shape): the devices' gradients at w of
+        `params`, in any order): the engine's per-device call, with the signature of
+        `SAM.grouped_perturbation`."""
+        ours, work = self.ordered(params, grads)
+        norm = self.rule.perturbation(ours, work, self.method_state, self.lr)
         self.last_grad_norm = norm.mean()
-        self.last_perturbation_norm = device_norms(grads).mean()
+        self.last_perturbation_norm = device_norms(work).mean()
         return grads
 
     @torch.no_grad()
-    def grouped_combine(self, grads: list[Tensor]) -> list[Tensor]:
-        """The applied gradients (k, *shape) from the gradients at w + e, in place."""
-        self.rule.combine(grads, self.method_state)
+    def grouped_combine(self, params: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
+        """The applied gradients (k, *shape) from the gradients at w + e of `params`, in place."""
+        self.rule.combine(self.ordered(params, grads)[1], self.method_state)
         return grads
 
     @torch.no_grad()
-    def grouped_plain(self, grads: list[Tensor]) -> list[Tensor]:
+    def grouped_plain(self, params: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
         """The applied gradients of a step without a perturbed pass, from the gradients at w, in place."""
-        self.rule.plain(grads, self.method_state)
+        self.rule.plain(self.ordered(params, grads)[1], self.method_state)
         return grads
+
+    def ordered(self, params: Sequence[Tensor], grads: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+        """`params` and `grads` in the method's own order (`self.params`: its state and masks follow it);
+        the lists are reordered, the tensors are the caller's."""
+        if len(params) == len(self._params) and all(p is q for p, q in zip(params, self._params)):
+            return list(params), list(grads)
+        where = {id(p): i for i, p in enumerate(params)}
+        missing = [i for i, p in enumerate(self._params) if id(p) not in where]
+        if missing or len(params) != len(self._params):
+            raise ValueError(f"the method needs the gradients of exactly its {len(self._params)} parameters, "
+                             f"got {len(params)} ({len(missing)} of its own missing)")
+        order = [where[id(p)] for p in self._params]
+        return [params[i] for i in order], [grads[i] for i in order]
 
     @torch.no_grad()
     def finish_step(self) -> None:
@@ -241,9 +256,9 @@ class MethodOptimizer(torch.optim.Optimizer):
         grads = self._grads()
         if self._perturbed:
             self.unperturb()
-            self.grouped_combine(grads)
+            self.grouped_combine(self._params, grads)
         else:
-            self.grouped_plain(grads)
+            self.grouped_plain(self._params, grads)
         self.base_optimizer.step()
         self.finish_step()
         if zero_grad:

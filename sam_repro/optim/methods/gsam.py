@@ -111,10 +111,11 @@ class GSAM(MethodOptimizer):
 
     @torch.no_grad()
     def grouped_perturbation(self, params: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
+        ours, work = self.ordered(params, grads)
         rho = self.rule.rho(self.lr) if self._rho is None else self._rho
-        norm = self.rule.perturb_with_rho(params, grads, self.method_state, rho)
+        norm = self.rule.perturb_with_rho(ours, work, self.method_state, rho)
         self.last_grad_norm = norm.mean()
-        self.last_perturbation_norm = device_norms(grads).mean()
+        self.last_perturbation_norm = device_norms(work).mean()
         return grads
 
     @property

@@ -108,6 +108,7 @@ class RWP(MethodOptimizer):
     def grouped_perturbation(self, params: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
         if self._noise is None:
             return super().grouped_perturbation(params, grads)
-        norm = self.rule.perturb_with(grads, [n.unsqueeze(0) for n in self._noise], self.method_state)
-        self.last_grad_norm, self.last_perturbation_norm = norm.mean(), device_norms(grads).mean()
+        _, work = self.ordered(params, grads)  # the noise is given in the method's order
+        norm = self.rule.perturb_with(work, [n.unsqueeze(0) for n in self._noise], self.method_state)
+        self.last_grad_norm, self.last_perturbation_norm = norm.mean(), device_norms(work).mean()
         return grads
