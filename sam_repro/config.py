@@ -115,6 +115,31 @@ class OptimConfig:
     grad_clip: Optional[float] = keyed(5.0, roles=(MEMBER,))  # global-norm clip of the applied (second-pass) gradient; official 5.0
     label_smoothing: float = 0.0
     sync_perturbation: bool = False  # multi-GPU: all-reduce the first-pass gradient before e(w)
+    # The SAM family (optim=gsam, esam, ...; docs/methods.md): `rho` is each method's radius (GSAM's
+    # rho_max), `eps` its norm's epsilon; configs/optim/<name>.yaml sets the authors' CIFAR values.
+    gsam_alpha: float = keyed(0.4, roles=(MEMBER,))  # GSAM: weight of g0's component orthogonal to g1
+    gsam_rho_min: Optional[float] = keyed(None, roles=(MEMBER,))  # GSAM: rho at the lr's minimum; null = optim.rho (constant)
+    gsam_lr_min: float = keyed(0.0, roles=(MEMBER,))  # GSAM: the schedule's lowest lr (rho_min there, rho at optim.lr)
+    gsam_adaptive: str = "pytorch"  # GSAM: none (paper, JAX default) | pytorch (T=|w| ASAM form) | jax (|w| g / ||g||)
+    esam_beta: float = 0.6  # ESAM SWP: probability that a tensor is perturbed (1 = every tensor)
+    esam_gamma: float = 0.5  # ESAM SDS: fraction of the batch the perturbed pass keeps (1 = all)
+    esam_selection: str = "strict"  # ESAM SDS: strict (released: loss rise > the k-th largest) | topk (paper: exactly k)
+    esam_swp_draw: str = "end_of_step"  # ESAM SWP: end_of_step (released: applies to the next step) | start_of_step (paper)
+    esam_sharpness_bn: str = "update"  # ESAM's no-grad forward at w + e: update (released: moves BN stats) | frozen
+    fsam_sigma: float = keyed(1.0, roles=(MEMBER,))  # F-SAM: d = g - sigma * m
+    fsam_lambda: float = keyed(0.6, roles=(MEMBER,))  # F-SAM: m <- lambda * m + (1 - lambda) * g
+    vasso_theta: float = keyed(0.9, roles=(MEMBER,))  # VaSSO: ema <- (1 - theta) * ema + theta * g
+    samon_select: str = "type"  # SAM-ON / ASAM-ON: normalization parameters by module type | name (released: 'norm'/'bn')
+    samon_normalize_bias: bool = True  # ASAM-ON: T = |w| + eta on the normalization biases too (the README's command)
+    sam_interval: int = 10  # interval_sam: a SAM step every this many steps (1 = SAM)
+    looksam_k: int = 5  # LookSAM: a SAM step every k steps, the stored component reused between
+    looksam_alpha: float = keyed(0.7, roles=(MEMBER,))  # LookSAM: weight of the reused component
+    looksam_projection: str = "model"  # LookSAM: model (one projection over all parameters) | tensor (per tensor)
+    rwp_alpha: float = keyed(0.5, roles=(MEMBER,))  # RWP: applied = (1 - alpha) g_clean + alpha g_noisy
+    rwp_gamma: float = keyed(0.01, roles=(MEMBER,))  # RWP: noise std per filter = gamma * ||filter||
+    wsam_gamma: float = keyed(0.88, roles=(MEMBER,))  # WSAM: sharpness weight alpha = gamma / (1 - gamma)
+    wsam_max_norm: Optional[float] = keyed(1.0, roles=(MEMBER,))  # WSAM's own clipping of both gradients; null = none
+    wsam_decouple: bool = True  # WSAM: sharpness step outside the base optimizer (decoupled) | inside (coupled)
 
 
 @dataclass

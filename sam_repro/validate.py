@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from omegaconf import DictConfig
 
@@ -24,6 +24,10 @@ from sam_repro.models import is_model, list_models
 from sam_repro.models.finetune import BOTH_WAYS
 from sam_repro.models.registry import timm_name
 from sam_repro.optim.factory import ASAM_SCALES, BASE_OPTIMIZERS, METHODS, WD_MODES
+from sam_repro.optim.methods.esam import ESAM_SELECTIONS, ESAM_SHARPNESS_BN, ESAM_SWP_DRAWS
+from sam_repro.optim.methods.gsam import GSAM_ADAPTIVE
+from sam_repro.optim.methods.looksam import LOOKSAM_PROJECTIONS
+from sam_repro.optim.methods.samon import SAMON_SELECT
 from sam_repro.trackers import not_installed
 
 RESUME_MODES = ("auto", "never", "must")
@@ -96,6 +100,10 @@ def validate(cfg: DictConfig) -> None:
     need(o.rho >= 0, "optim.rho", o.rho, "must be >= 0")
     need(o.p == 2 or o.p == math.inf, "optim.p", o.p, "must be 2 or inf")
     need(not (o.name == "asam" and o.p != 2), "optim.p", o.p, "ASAM (optim=asam) is defined for p=2 only")
+    if o.name in METHODS and METHODS[o.name].spec is not None:
+        need(o.p == 2, "optim.p", o.p, f"optim={o.name} is defined for p=2 only")
+        need(o.eps > 0, "optim.eps", o.eps, "must be > 0")
+    _method_ranges(o, need, one_of)
     need(o.eta >= 0, "optim.eta", o.eta, "must be >= 0")
     one_of("optim.bn_stats", o.bn_stats, BN_STATS)
     one_of("optim.shakedrop_mask", o.shakedrop_mask, SHAKEDROP_MASKS)
@@ -154,6 +162,36 @@ def validate(cfg: DictConfig) -> None:
         one_of("logger.wandb.mode", cfg.logger.wandb.mode, WANDB_MODES)
     if problems:
         raise ConfigError(problems)
+
+
+def _method_ranges(o: DictConfig, need: Callable[[bool, str, Any, str], None],
+                   one_of: Callable[[str, Any, Iterable[Any]], None]) -> None:
+    """The SAM family's own hyperparameters (docs/methods.md), whichever optim.name is chosen."""
+    need(o.gsam_alpha >= 0, "optim.gsam_alpha", o.gsam_alpha, "must be >= 0")
+    # the upper bounds only against a valid rho / lr (a bad one has its own line)
+    need(o.gsam_rho_min is None or (o.gsam_rho_min >= 0 and (o.rho < 0 or o.gsam_rho_min <= o.rho)),
+         "optim.gsam_rho_min", o.gsam_rho_min, f"must be in [0, optim.rho={o.rho}], or null for a constant rho")
+    need(o.gsam_lr_min >= 0 and (o.lr <= 0 or o.gsam_lr_min <= o.lr), "optim.gsam_lr_min", o.gsam_lr_min,
+         f"must be in [0, optim.lr={o.lr}]")
+    one_of("optim.gsam_adaptive", o.gsam_adaptive, GSAM_ADAPTIVE)
+    need(0 < o.esam_beta <= 1, "optim.esam_beta", o.esam_beta, "must be in (0, 1]")
+    need(0 < o.esam_gamma <= 1, "optim.esam_gamma", o.esam_gamma, "must be in (0, 1]")
+    one_of("optim.esam_selection", o.esam_selection, ESAM_SELECTIONS)
+    one_of("optim.esam_swp_draw", o.esam_swp_draw, ESAM_SWP_DRAWS)
+    one_of("optim.esam_sharpness_bn", o.esam_sharpness_bn, ESAM_SHARPNESS_BN)
+    need(o.fsam_sigma >= 0, "optim.fsam_sigma", o.fsam_sigma, "must be >= 0")
+    need(0 <= o.fsam_lambda < 1, "optim.fsam_lambda", o.fsam_lambda, "must be in [0, 1)")
+    need(0 <= o.vasso_theta <= 1, "optim.vasso_theta", o.vasso_theta, "must be in [0, 1]")
+    one_of("optim.samon_select", o.samon_select, SAMON_SELECT)
+    need(o.sam_interval >= 1, "optim.sam_interval", o.sam_interval, "must be >= 1 (steps)")
+    need(o.looksam_k >= 1, "optim.looksam_k", o.looksam_k, "must be >= 1 (steps)")
+    need(o.looksam_alpha >= 0, "optim.looksam_alpha", o.looksam_alpha, "must be >= 0")
+    one_of("optim.looksam_projection", o.looksam_projection, LOOKSAM_PROJECTIONS)
+    need(0 <= o.rwp_alpha <= 1, "optim.rwp_alpha", o.rwp_alpha, "must be in [0, 1]")
+    need(o.rwp_gamma >= 0, "optim.rwp_gamma", o.rwp_gamma, "must be >= 0")
+    need(0 <= o.wsam_gamma < 1, "optim.wsam_gamma", o.wsam_gamma, "must be in [0, 1)")
+    need(o.wsam_max_norm is None or o.wsam_max_norm > 0, "optim.wsam_max_norm", o.wsam_max_norm,
+         "must be > 0, or null for no clipping")
 
 
 def _valid_device(name: str) -> bool:

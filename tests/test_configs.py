@@ -112,6 +112,43 @@ def test_every_registered_model_has_a_config_file_and_back() -> None:
         assert compose_config([f"model={name}"]).model.name in list_models() or name == "timm"
 
 
+# The authors' CIFAR hyperparameters of each SAM-family method (docs/methods.md, which names each source),
+# restated here independently of configs/optim/<name>.yaml: (rho, eps, {its own keys})
+METHOD_DEFAULTS = {
+    "gsam": (2.0, 1e-12, {"gsam_rho_min": None, "gsam_alpha": 0.4, "gsam_lr_min": 0.0, "gsam_adaptive": "pytorch"}),
+    "esam": (0.05, 1e-7, {"esam_beta": 0.6, "esam_gamma": 0.5, "esam_selection": "strict",
+                          "esam_swp_draw": "end_of_step", "esam_sharpness_bn": "update"}),
+    "fsam": (0.2, 1e-12, {"fsam_sigma": 1.0, "fsam_lambda": 0.6}),
+    "vasso": (0.05, 1e-7, {"vasso_theta": 0.9}),
+    "samon": (0.5, 1e-16, {"samon_select": "type"}),
+    "asam_on": (10.0, 1e-16, {"eta": 0.0, "samon_select": "type", "samon_normalize_bias": True}),
+    "interval_sam": (0.5, 1e-12, {"sam_interval": 10}),
+    "looksam": (0.05, 1e-12, {"looksam_k": 5, "looksam_alpha": 0.7, "looksam_projection": "model"}),
+    "rwp": (None, None, {"rwp_alpha": 0.5, "rwp_gamma": 0.01}),  # no radius: the noise scales with the weights
+    "wsam": (0.05, 1e-12, {"wsam_gamma": 0.88, "wsam_max_norm": 1.0, "wsam_decouple": True}),
+}
+
+
+@pytest.mark.parametrize("method", sorted(METHOD_DEFAULTS))
+def test_each_method_config_carries_its_authors_defaults_and_keeps_the_presets_semantics(method: str) -> None:
+    rho, eps, own = METHOD_DEFAULTS[method]
+    cfg = compose_config(["experiment=t1_cifar10_wrn28_10_200ep", f"optim={method}"])
+    validate(cfg)
+    o = cfg.optim
+    assert o.name == method and o.p == 2
+    assert (rho is None or o.rho == rho) and (eps is None or o.eps == eps)
+    assert {k: o[k] for k in own} == own
+    # the preset's own semantics stay: its lr and decay, L2 in the loss, BN statistics from the first pass
+    assert (o.lr, o.weight_decay, o.wd_mode, o.bn_stats, o.grad_clip) == (0.1, 5e-4, "loss", "first_pass", 5.0)
+
+
+def test_every_method_has_a_config_file_and_back() -> None:
+    from sam_repro.optim.factory import METHODS
+
+    files = {p.stem for p in (config_dir() / "optim").glob("*.yaml")}
+    assert files == set(METHODS) and set(METHOD_DEFAULTS) | {"sgd", "sam", "asam"} == files
+
+
 def test_unknown_key_and_wrong_type_fail_at_composition() -> None:
     with pytest.raises(ConfigCompositionException):
         compose_config(["optim.rhoo=0.1"])

@@ -41,6 +41,28 @@ BOUNDS = [
     ("engine.num_workers", ["-1"], ["0"]),
     ("engine.nproc", ["0"], ["1", "null"]),
     ("engine.device", ["gpu", "cuda:", "cuda:x", "cpu:0"], ["auto", "cpu", "cuda", "cuda:3"]),
+    # the SAM family's hyperparameters (smoke: optim.rho 0.05, optim.lr 0.05)
+    ("optim.gsam_alpha", ["-1e-9"], ["0", "0.4"]),
+    ("optim.gsam_rho_min", ["-1e-9", "0.0500001"], ["0", "0.05", "null"]),
+    ("optim.gsam_lr_min", ["-1e-9", "0.0500001"], ["0", "0.05"]),
+    ("optim.gsam_adaptive", ["asam", "true"], ["none", "pytorch", "jax"]),
+    ("optim.esam_beta", ["0", "1.01"], ["1e-6", "1.0"]),
+    ("optim.esam_gamma", ["0", "1.01"], ["1e-6", "1.0"]),
+    ("optim.esam_selection", ["top"], ["strict", "topk"]),
+    ("optim.esam_swp_draw", ["start"], ["end_of_step", "start_of_step"]),
+    ("optim.esam_sharpness_bn", ["both"], ["update", "frozen"]),
+    ("optim.fsam_sigma", ["-1e-9"], ["0", "1.0"]),
+    ("optim.fsam_lambda", ["-1e-9", "1.0"], ["0", "0.999"]),
+    ("optim.vasso_theta", ["-1e-9", "1.01"], ["0", "1.0"]),
+    ("optim.samon_select", ["module"], ["type", "name"]),
+    ("optim.sam_interval", ["0", "-1"], ["1", "10"]),
+    ("optim.looksam_k", ["0"], ["1", "5"]),
+    ("optim.looksam_alpha", ["-1e-9"], ["0", "0.7"]),
+    ("optim.looksam_projection", ["layer"], ["model", "tensor"]),
+    ("optim.rwp_alpha", ["-1e-9", "1.01"], ["0", "1.0"]),
+    ("optim.rwp_gamma", ["-1e-9"], ["0", "0.01"]),
+    ("optim.wsam_gamma", ["-1e-9", "1.0"], ["0", "0.999"]),
+    ("optim.wsam_max_norm", ["0", "-1.0"], ["null", "1e-6", "1.0"]),
 ]
 CASES = [(key, v, False) for key, bad, _ in BOUNDS for v in bad] + [(key, v, True) for key, _, good in BOUNDS for v in good]
 
@@ -64,6 +86,14 @@ def test_each_bound_accepts_the_last_good_value_and_refuses_the_first_bad_one(ke
         assert got == []
     else:
         assert len(got) == 1 and got[0].startswith(f"{key}="), got
+
+
+@pytest.mark.parametrize("method", ["gsam", "esam", "fsam", "vasso", "samon", "asam_on", "interval_sam", "looksam",
+                                    "rwp", "wsam"])
+def test_the_sam_family_is_defined_for_p_2_only(method: str) -> None:
+    assert problems(f"optim={method}") == []
+    got = problems(f"optim={method}", "optim.p=inf")
+    assert len(got) == 1 and got[0] == f"optim.p=inf is invalid: optim={method} is defined for p=2 only", got
 
 
 def test_m_must_divide_the_per_device_batch() -> None:
@@ -151,7 +181,9 @@ REFUSED: list[tuple[dict[str, Any], list[str]]] = [
     ({"augment.cutout_per": "x"}, ["augment.cutout_per='x' is invalid: " + one_of("batch", "sample")]),
     ({"augment.autoaugment": "x"}, ["augment.autoaugment='x' is invalid: " + one_of("null", "cifar10", "svhn")]),
     ({"augment.random_resized_crop": True}, [REFUSED_CROP]),
-    ({"optim.name": "x"}, ["optim.name='x' is invalid: " + one_of("sgd", "sam", "asam")]),
+    ({"optim.name": "x"}, ["optim.name='x' is invalid: " + one_of("sgd", "sam", "asam", "gsam", "esam", "fsam", "vasso",
+                                                                   "samon", "asam_on", "interval_sam", "looksam", "rwp",
+                                                                   "wsam")]),
     ({"optim.base": "x"}, ["optim.base='x' is invalid: " + one_of("sgd", "adamw")]),
     ({"optim.lr": 0.0}, ["optim.lr=0.0 is invalid: must be > 0"]),
     ({"optim.momentum": 1.0}, ["optim.momentum=1.0 is invalid: must be in [0, 1)"]),

@@ -1,4 +1,5 @@
-"""Build the optimizer a config asks for: param groups, base optimizer, and SAM around it or not.
+"""Build the optimizer a config asks for: param groups, base optimizer, and SAM (or one of its
+follow-ups, optim/methods/) around it or not.
 
 The training step takes (base optimizer, SAM or None): SGD runs are the same step with sam=None.
 Weight decay follows `optim.wd_mode`:
@@ -10,39 +11,115 @@ Weight decay follows `optim.wd_mode`:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import nn
 
 from sam_repro.config import OptimConfig
+from sam_repro.optim.methods import (ASAMON, ESAM, GSAM, RWP, SAMON, WSAM, FriendlySAM, IntervalSAM, LookSAM,
+                                     MethodOptimizer, VaSSO, normalization_parameters)
+from sam_repro.optim.methods.registry import METHOD_SPECS, MethodSpec
 from sam_repro.optim.sam import SAM
+
+BaseChoice = tuple[type[torch.optim.Optimizer], dict[str, Any]]
+# (model, param groups, config, base optimizer class, its kwargs) -> the method around the base optimizer
+MethodBuilder = Callable[[nn.Module, list[dict[str, Any]], OptimConfig, type[torch.optim.Optimizer], dict[str, Any]],
+                         MethodOptimizer]
+
+
+def _gsam(model: nn.Module, groups: list[dict[str, Any]], cfg: OptimConfig, base: type[torch.optim.Optimizer],
+          kwargs: dict[str, Any]) -> MethodOptimizer:
+    rho_min = cfg.rho if cfg.gsam_rho_min is None else cfg.gsam_rho_min
+    return GSAM(groups, base, rho_max=cfg.rho, rho_min=rho_min, alpha=cfg.gsam_alpha, lr_max=cfg.lr,
+                lr_min=cfg.gsam_lr_min, adaptive=cfg.gsam_adaptive, eps=cfg.eps, **kwargs)
+
+
+def _esam(model: nn.Module, groups: list[dict[str, Any]], cfg: OptimConfig, base: type[torch.optim.Optimizer],
+          kwargs: dict[str, Any]) -> MethodOptimizer:
+    return ESAM(groups, base, rho=cfg.rho, beta=cfg.esam_beta, gamma=cfg.esam_gamma, selection=cfg.esam_selection,
+                swp_draw=cfg.esam_swp_draw, sharpness_bn=cfg.esam_sharpness_bn, eps=cfg.eps,
+                **kwargs)  # the SWP draws seeded from the run's seed (torch.initial_seed)
+
+
+def _fsam(model: nn.Module, groups: list[dict[str, Any]], cfg: OptimConfig, base: type[torch.optim.Optimizer],
+          kwargs: dict[str, Any]) -> MethodOptimizer:
+    return FriendlySAM(groups, base, rho=cfg.rho, sigma=cfg.fsam_sigma, lmbda=cfg.fsam_lambda, eps=cfg.eps, **kwargs)
+
+
+def _vasso(model: nn.Module, groups: list[dict[str, Any]], cfg: OptimConfig, base: type[torch.optim.Optimizer],
+           kwargs: dict[str, Any]) -> MethodOptimizer:
+    return VaSSO(groups, base, rho=cfg.rho, theta=cfg.vasso_theta, eps=cfg.eps, **kwargs)
+
+
+def _samon(model: nn.Module, groups: list[dict[str, Any]], cfg: OptimConfig, base: type[torch.optim.Optimizer],
+           kwargs: dict[str, Any]) -> MethodOptimizer:
+    return SAMON(groups, base, perturbed=normalization_parameters(model, cfg.samon_select), rho=cfg.rho, eps=cfg.eps,
+                 **kwargs)
+
+
+def _asam_on(model: nn.Module, groups: list[dict[str, Any]], cfg: OptimConfig, base: type[torch.optim.Optimizer],
+             kwargs: dict[str, Any]) -> MethodOptimizer:
+    # the released code scales by T = |w| + eta the tensors named *weight*, and the biases with normalize_bias
+    unscaled = [] if cfg.samon_normalize_bias else [p for n, p in model.named_parameters() if "weight" not in n]
+    return ASAMON(groups, base, perturbed=normalization_parameters(model, cfg.samon_select), rho=cfg.rho, eta=cfg.eta,
+                  unscaled=unscaled, eps=cfg.eps, **kwargs)
+
+
+def _interval_sam(model: nn.Module, groups: list[dict[str, Any]], cfg: OptimConfig, base: type[torch.optim.Optimizer],
+                  kwargs: dict[str, Any]) -> MethodOptimizer:
+    return IntervalSAM(groups, base, rho=cfg.rho, interval=cfg.sam_interval, eps=cfg.eps, **kwargs)
+
+
+def _looksam(model: nn.Module, groups: list[dict[str, Any]], cfg: OptimConfig, base: type[torch.optim.Optimizer],
+             kwargs: dict[str, Any]) -> MethodOptimizer:
+    return LookSAM(groups, base, rho=cfg.rho, k=cfg.looksam_k, alpha=cfg.looksam_alpha,
+                   projection=cfg.looksam_projection, eps=cfg.eps, **kwargs)
+
+
+def _rwp(model: nn.Module, groups: list[dict[str, Any]], cfg: OptimConfig, base: type[torch.optim.Optimizer],
+         kwargs: dict[str, Any]) -> MethodOptimizer:
+    return RWP(groups, base, alpha=cfg.rwp_alpha, gamma=cfg.rwp_gamma, **kwargs)  # seeded from the run's seed
+
+
+def _wsam(model: nn.Module, groups: list[dict[str, Any]], cfg: OptimConfig, base: type[torch.optim.Optimizer],
+          kwargs: dict[str, Any]) -> MethodOptimizer:
+    return WSAM(groups, base, rho=cfg.rho, gamma=cfg.wsam_gamma, max_norm=cfg.wsam_max_norm,
+                decouple=cfg.wsam_decouple, eps=cfg.eps, **kwargs)
 
 
 @dataclass(frozen=True)
 class Method:
-    """What an `optim.name` means: SAM or not, adaptive or not."""
+    """What an `optim.name` means: SAM or not, adaptive or not; for SAM's follow-ups, their registry
+    entry (class, rule, what the step needs) and how the config builds them."""
 
     uses_sam: bool
     adaptive: bool
+    spec: Optional[MethodSpec] = None
+    build: Optional[MethodBuilder] = None
 
 
+BUILDERS: dict[str, MethodBuilder] = {
+    "gsam": _gsam, "esam": _esam, "fsam": _fsam, "vasso": _vasso, "samon": _samon, "asam_on": _asam_on,
+    "interval_sam": _interval_sam, "looksam": _looksam, "rwp": _rwp, "wsam": _wsam,
+}
 METHODS: dict[str, Method] = {
     "sgd": Method(uses_sam=False, adaptive=False),
     "sam": Method(uses_sam=True, adaptive=False),
     "asam": Method(uses_sam=True, adaptive=True),
+    **{name: Method(uses_sam=True, adaptive=False, spec=METHOD_SPECS[name], build=build) for name, build in BUILDERS.items()},
 }
 
 
-def _sgd(cfg: OptimConfig, weight_decay: float) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
+def _sgd(cfg: OptimConfig, weight_decay: float) -> BaseChoice:
     return torch.optim.SGD, dict(lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, weight_decay=weight_decay)
 
 
-def _adamw(cfg: OptimConfig, weight_decay: float) -> tuple[type[torch.optim.Optimizer], dict[str, Any]]:
+def _adamw(cfg: OptimConfig, weight_decay: float) -> BaseChoice:
     return torch.optim.AdamW, dict(lr=cfg.lr, weight_decay=weight_decay)
 
 
-BASE_OPTIMIZERS: dict[str, Callable[[OptimConfig, float], tuple[type[torch.optim.Optimizer], dict[str, Any]]]] = {
+BASE_OPTIMIZERS: dict[str, Callable[[OptimConfig, float], BaseChoice]] = {
     "sgd": _sgd,
     "adamw": _adamw,
 }
@@ -79,9 +156,9 @@ def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict[str, Any]]:
     return groups
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> tuple[torch.optim.Optimizer, Optional[SAM]]:
-    """(base optimizer, SAM wrapper or None). The base optimizer is what steps and what a
-    scheduler or GradScaler talks to; SAM shares its param groups."""
+def build_optimizer(model: nn.Module, cfg: OptimConfig) -> tuple[torch.optim.Optimizer, Optional[Union[SAM, MethodOptimizer]]]:
+    """(base optimizer, SAM wrapper, a SAM-family method, or None). The base optimizer is what steps and
+    what a scheduler or GradScaler talks to; SAM and the methods share its param groups."""
     method = METHODS[cfg.name]
     groups = param_groups(model, cfg)
     base_cls, kwargs = BASE_OPTIMIZERS[cfg.base](cfg, 0.0)
@@ -89,5 +166,8 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> tuple[torch.optim.Opt
     if not method.uses_sam:
         base = base_cls(groups, **kwargs)
         return base, None
+    if method.build is not None:
+        wrapped = method.build(model, groups, cfg, base_cls, kwargs)
+        return wrapped.base_optimizer, wrapped
     sam = SAM(groups, base_cls, rho=cfg.rho, p=cfg.p, adaptive=method.adaptive, eta=cfg.eta, eps=cfg.eps, **kwargs)
     return sam.base_optimizer, sam
