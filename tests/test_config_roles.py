@@ -75,3 +75,14 @@ def test_runs_that_differ_only_in_member_keys_share_a_pack_key_and_no_other_key_
                    "augment.cutout=8", "dataset.train_size=512", "engine.precision=fp64"):
         assert not has_role(change.split("=")[0], MEMBER)
         assert pack_key(compose_config([*base, change]))[0] != key, change
+
+
+def test_a_key_added_to_the_schema_since_the_run_resumes_at_its_default_only() -> None:
+    """A run directory from before a key existed was trained with what the key's default now says."""
+    current = OmegaConf.to_container(compose_config(["experiment=smoke"]), resolve=True)
+    saved = OmegaConf.to_container(compose_config(["experiment=smoke"]), resolve=True)
+    del saved["optim"]["esam_beta"], saved["engine"]["pack_execution"]
+    check_same_config(saved, current, Path("run"))  # both at their defaults: the old run's behaviour
+    changed = OmegaConf.to_container(compose_config(["experiment=smoke", "optim.esam_beta=0.3"]), resolve=True)
+    with pytest.raises(RunDirError, match="optim.esam_beta: None -> 0.3"):
+        check_same_config(saved, changed, Path("run"))

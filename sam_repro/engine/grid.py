@@ -38,7 +38,9 @@ from torch.func import functional_call, grad, vmap
 from torch.utils._pytree import tree_map
 
 from sam_repro.engine.passes import (Member, Passes, StepConfig, StepStats, apply_gradients, batchnorm_buffers,
-                                     clip_norms, device_size, member_stats, to_layout)
+                                     clip_norms, device_size, member_stats, running_stats_frozen, to_layout)
+from sam_repro.optim.methods import MethodOptimizer
+from sam_repro.optim.methods.base import COMBINE_ON_MEAN, COMBINE_PER_DEVICE, Needs
 
 
 def _stack(tensors: Sequence[Tensor]) -> Tensor:
@@ -76,6 +78,8 @@ class GridStep:
         device = next(module.parameters()).device
         self.passes = Passes(module, cfg, device)
         self.uses_sam = self.members[0].sam is not None
+        # what a SAM-family method asks of the step beyond SAM's two passes (optim/methods/base.py)
+        self.needs = self.members[0].sam.rule.needs if isinstance(self.members[0].sam, MethodOptimizer) else Needs()
         self.active = [True] * self.size
         params = [dict(m.module.named_parameters()) for m in self.members]
         self.names = [n for n, p in params[0].items() if p.requires_grad]
@@ -214,10 +218,15 @@ class GridStep:
         stats = {n: b.unsqueeze(1).expand(members, k, *b.shape[1:]).clone() for n, b in self.buffers.items()}
         scale = self._loss_scale()
         self.passes.draws.capture()
-        if self.uses_sam:
-            losses, logits = self._sam(xg, yg, stats, scale)
-        else:
+        reduced = False  # the gradients already averaged over processes (a method that combines on the mean)
+        labels = yg  # of the examples the applied pass saw (ESAM: a subset)
+        perturbed = self.uses_sam and not (self.needs.skips_perturbation and not self.members[0].sam.perturbs_now())
+        if not self.uses_sam:
             losses, logits = self._sgd(xg, yg, stats, scale)
+        elif not perturbed:
+            losses, logits = self._plain(xg, yg, stats, scale)
+        else:
+            losses, logits, labels, reduced = self._sam(xg, yg, stats, scale)
         with torch.no_grad():
             for n, buffer in self.buffers.items():
                 value = stats[n]
@@ -226,10 +235,16 @@ class GridStep:
                 else:  # num_batches_tracked: every device counted the same steps
                     buffer.copy_(value[:, 0])
             apply_gradients(self.members, list(self.grads.values()), self.max_norm, self.active, self.scaler,
-                            self.grad_reduce)
-        loss_sums = losses.detach() * batch
-        correct = (logits.argmax(dim=-1) == yg).view(members, -1).sum(dim=1)
-        return [member_stats(loss_sums[i], correct[i], batch, m.sam, scale) for i, m in enumerate(self.members)]
+                            None if reduced else self.grad_reduce)
+            for member, active in zip(self.members, self.active):
+                if active and isinstance(member.sam, MethodOptimizer):
+                    member.sam.finish_step()  # after the base step: WSAM's own move, counters, next draws
+        count = labels[0].numel()
+        loss_sums = losses.detach() * count
+        correct = (logits.argmax(dim=-1) == labels).view(members, -1).sum(dim=1)
+        # the logged gradient and perturbation norms: of the steps that perturbed
+        return [member_stats(loss_sums[i], correct[i], count, m.sam if perturbed else None, scale)
+                for i, m in enumerate(self.members)]
 
     def _sgd(self, xg: Tensor, yg: Tensor, stats: dict[str, Tensor], scale: Optional[Tensor]) -> tuple[Tensor, Tensor]:
         leaves = {n: w.detach().requires_grad_() for n, w in self.weights.items()}
@@ -241,25 +256,76 @@ class GridStep:
             self._add_l2(self.grads, lambda n: self.weights[n], scale)
         return losses.detach(), logits.detach()
 
-    def _sam(self, xg: Tensor, yg: Tensor, stats: dict[str, Tensor], scale: Optional[Tensor]) -> tuple[Tensor, Tensor]:
-        def loss_of(weights: dict[str, Tensor], st: dict[str, Tensor], x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-            weights, x = self._low_precision(weights, x)  # inside: the gradient is the fp32 weights'
-            loss = self.passes.loss(self._logits(weights, st, x), y)
-            return (loss if scale is None else loss * scale), loss.detach()
+    def _cell_gradients(self, weights: dict[str, Tensor], per_device: bool, stats: dict[str, Tensor], xg: Tensor,
+                        yg: Tensor, scale: Optional[Tensor]) -> tuple[dict[str, Tensor], Tensor, Tensor, Tensor]:
+        """Every (member, device) cell's own gradient of its mean loss (P, k, ...), with `weights` (P, ...)
+        shared by a member's devices or (P, k, ...) one set per device (`per_device`); and each cell's
+        loss, logits and per-example losses (detached). One vmap of grad: every convolution runs once."""
+        def loss_of(w: dict[str, Tensor], st: dict[str, Tensor], x: Tensor, y: Tensor):
+            w, x = self._low_precision(w, x)  # inside: the gradient is the fp32 weights'
+            logits = self._logits(w, st, x)
+            per_example = F.cross_entropy(logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits,
+                                          y, reduction="none", label_smoothing=self.cfg.label_smoothing)
+            loss = per_example.mean()
+            return (loss if scale is None else loss * scale), (loss.detach(), logits.detach(), per_example.detach())
 
-        # 1. every cell's gradient at w (P, k, ...), L2 term included
-        with self.passes.first_pass(uses_sam=True):
-            at_w, _ = self._over_grid(grad(loss_of, has_aux=True), (0, 0, 0, 0), (None, 0, 0, 0))(
-                dict(self.weights), stats, xg, yg)
-        grad_w = {n: _owned(at_w[n]) for n in self.names}
+        grads, (loss, logits, per_example) = self._over_grid(
+            grad(loss_of, has_aux=True), (0, 0, 0, 0), (0 if per_device else None, 0, 0, 0))(dict(weights), stats, xg, yg)
+        return {n: _owned(grads[n]) for n in self.names}, loss, logits, per_example
+
+    def _into_grads(self, per_cell: dict[str, Tensor]) -> None:
+        """The members' applied gradients: each member's mean over its devices (equal-sized: the mean of
+        the devices' mean losses' gradients)."""
+        for n, g in per_cell.items():
+            self.grads[n].copy_(g.mean(1))
+
+    def _plain(self, xg: Tensor, yg: Tensor, stats: dict[str, Tensor], scale: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+        """A method's step without a perturbed pass (interval SAM, LookSAM between its SAM steps)."""
+        if not self.needs.plain_per_device:
+            losses, logits = self._sgd(xg, yg, stats, scale)
+            with torch.no_grad():
+                for i, member in enumerate(self.members):
+                    member.sam.grouped_plain(self.member_params[i], [self.grads[n][i:i + 1] for n in self.names])
+            return losses, logits
+        grad_w, loss, logits, _ = self._cell_gradients(self.weights, False, stats, xg, yg, scale)
         with torch.no_grad():
             self._add_l2(grad_w, lambda n: self.weights[n].unsqueeze(1), scale, per_device=True)
-            # 2. each member's own SAM turns its rows of the gradient into e (its rho, one norm per
-            # device), in the gradient's memory: from here on that memory holds e
+            for i, member in enumerate(self.members):  # each device's own gradient, the stored component added
+                member.sam.grouped_plain(self.member_params[i], [grad_w[n][i] for n in self.names])
+            self._into_grads(grad_w)
+        return loss.mean(1), logits
+
+    def _sam(self, xg: Tensor, yg: Tensor, stats: dict[str, Tensor],
+             scale: Optional[Tensor]) -> tuple[Tensor, Tensor, Tensor, bool]:
+        """SAM, or a SAM-family method (`self.needs`): (losses, logits, the labels of the examples the
+        applied pass saw, whether the gradients were already averaged over processes)."""
+        needs = self.needs
+        # 1. every cell's gradient at w (P, k, ...), L2 term included
+        with self.passes.first_pass(uses_sam=True):
+            grad_w, _, _, per_example_w = self._cell_gradients(self.weights, False, stats, xg, yg, scale)
+        with torch.no_grad():
+            self._add_l2(grad_w, lambda n: self.weights[n].unsqueeze(1), scale, per_device=True)
+            if needs.first_pass_synchronized and self.grad_reduce is not None:
+                self.grad_reduce(list(grad_w.values()))  # one e from every device of every process (VaSSO)
+            # 2. each member's own SAM (or method) turns its rows of the gradient into e (its rho, one norm
+            # per device), in the gradient's memory: from here on that memory holds e
             e = grad_w
             for i, member in enumerate(self.members):
                 member.sam.grouped_perturbation(self.member_params[i], [e[n][i] for n in self.names])
-        # 3. one forward/backward at the P x k perturbed weight sets
+        if needs.selects_examples:  # ESAM: the perturbed pass on the examples whose loss rose most
+            xg, yg = self._selected_examples(e, stats, xg, yg, per_example_w)
+        # 3. at the P x k perturbed weight sets
+        if needs.combine == COMBINE_PER_DEVICE:  # each device's own gradient at w + e, combined, then averaged
+            leaves = {n: w.detach() for n, w in self.weights.items()}
+            with self.passes.perturbed_pass():
+                grad_e, loss, logits, _ = self._cell_gradients(
+                    {n: leaves[n].unsqueeze(1) + e[n] for n in self.names}, True, stats, xg, yg, scale)
+            with torch.no_grad():
+                self._add_l2(grad_e, lambda n: self.weights[n].unsqueeze(1) + e[n], scale, per_device=True)
+                for i, member in enumerate(self.members):
+                    member.sam.grouped_combine(self.member_params[i], [grad_e[n][i] for n in self.names])
+                self._into_grads(grad_e)
+            return loss.mean(1), logits, yg, False
         leaves = {n: w.detach().requires_grad_() for n, w in self.weights.items()}
         perturbed, x = self._low_precision({n: leaves[n].unsqueeze(1) + e[n] for n in self.names}, xg)
         with self.passes.perturbed_pass():
@@ -269,7 +335,36 @@ class GridStep:
         self._backward(losses, leaves, scale)
         with torch.no_grad():  # the L2 gradient at w + e_d, averaged over the devices: l2 * (w + mean_d e_d)
             self._add_l2(self.grads, lambda n: self.weights[n] + e[n].mean(1), scale)
-        return losses.detach(), logits.detach()
+            if needs.combine != COMBINE_ON_MEAN:
+                return losses.detach(), logits.detach(), yg, False
+            for i, member in enumerate(self.members):  # WSAM: on gradients averaged over every device
+                own = [self.grads[n][i:i + 1] for n in self.names]
+                if self.grad_reduce is not None:
+                    self.grad_reduce(own + list(member.sam.rule.kept_first_gradient(member.sam.method_state)))
+                member.sam.grouped_combine(self.member_params[i], own)
+        return losses.detach(), logits.detach(), yg, self.grad_reduce is not None
+
+    def _selected_examples(self, e: dict[str, Tensor], stats: dict[str, Tensor], xg: Tensor, yg: Tensor,
+                           per_example_w: Tensor) -> tuple[Tensor, Tensor]:
+        """ESAM's sharpness-sensitive selection: a no-grad forward at w + e (BatchNorm statistics moved as
+        the method says), each example's loss rise, and each device's selected examples (P, k, c, ...)."""
+        method = self.members[0].sam.rule
+        if method.selects_all():
+            return xg, yg
+        weights, x = self._low_precision({n: self.weights[n].unsqueeze(1) + e[n] for n in self.names}, xg)
+        frozen = running_stats_frozen(self.passes.batchnorms) if method.sharpness_bn == "frozen" else contextlib.nullcontext()
+        with torch.no_grad(), frozen:
+            logits = self._over_grid(self._logits, (0, 0, 0), (0, 0, 0))(weights, stats, x)
+            per_example_e = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), yg.reshape(-1),
+                                            reduction="none", label_smoothing=self.cfg.label_smoothing).view(yg.shape)
+        mask = torch.stack([m.sam.rule.select(per_example_w[i], per_example_e[i]) for i, m in enumerate(self.members)])
+        counts = mask.sum(-1).unique().tolist()  # a host sync, as the released code's subset indexing
+        if len(counts) != 1:
+            raise RuntimeError(f"ESAM selected {counts} examples on different devices of one step (ties in the loss "
+                               f"rise); optim.esam_selection=topk selects a fixed number")
+        order = mask.to(torch.int8).argsort(dim=-1, descending=True, stable=True)[..., :counts[0]].sort(dim=-1).values
+        pick = order.view(*order.shape, *[1] * (xg.dim() - 3)).expand(*order.shape, *xg.shape[3:])
+        return xg.gather(2, pick), yg.gather(2, order)
 
     # -- evaluation -----------------------------------------------------------------------------------
     def forward_members(self, x: Tensor) -> Tensor:

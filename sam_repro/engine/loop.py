@@ -31,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import nn
 from tqdm import tqdm
 
-from sam_repro.config import RESUME_FREE, flatten, has_role
+from sam_repro.config import RESUME_FREE, TrainConfig, flatten, has_role
 from sam_repro.data import fit_to_model, load_data, make_eval_loader, make_train_loader
 from sam_repro.engine import distributed
 from sam_repro.engine.grid import GridStep
@@ -43,6 +43,7 @@ from sam_repro.engine.step import TrainStep
 from sam_repro.errors import EXIT_FAILED, EXIT_OK, Terminated, UserError
 from sam_repro.models import create_model_from_config, pretrained_input
 from sam_repro.optim.factory import build_optimizer
+from sam_repro.optim.methods import MethodOptimizer
 from sam_repro.rundir import DiskFull, RunDirLock, load_checkpoint, save_checkpoint
 from sam_repro.runlog import RunLog, environment, summary_config
 from sam_repro.trackers import Trackers
@@ -141,10 +142,15 @@ def evaluate(forward: Callable[[torch.Tensor], torch.Tensor], loader: Iterable, 
     return out
 
 
+SCHEMA_DEFAULTS = flatten(OmegaConf.to_container(OmegaConf.structured(TrainConfig), resolve=False))
+
+
 def check_same_config(saved: dict[str, Any], current: dict[str, Any], run_dir: Path) -> None:
     """A checkpoint continues only the run it came from: refuse a changed config."""
     a, b = flatten(saved), flatten(current)
-    changed = sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and not has_role(k, RESUME_FREE))
+    # a key the schema gained since the run started holds its default: what the run was trained with
+    added = {k for k in set(b) - set(a) if b[k] == SCHEMA_DEFAULTS.get(k, object())}
+    changed = sorted(k for k in (set(a) | set(b)) - added if a.get(k) != b.get(k) and not has_role(k, RESUME_FREE))
     if changed:
         detail = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in changed[:5])
         raise RunDirError(f"{run_dir} holds a run with another config ({detail}); "
@@ -241,6 +247,8 @@ class Run:
         return {
             "model": model,
             "optimizer": self.optimizer.state_dict(),
+            # a SAM-family method's own state: running means, stored components, counters, generators
+            "method": self.sam.method_state_dict() if isinstance(self.sam, MethodOptimizer) else None,
             "scaler": self.scaler.state_dict() if self.scaler is not None else None,
             "progress": progress.__dict__,
             "config": OmegaConf.to_container(self.cfg, resolve=True),
@@ -262,6 +270,10 @@ class Run:
                               f"now {self.bundle.info['fingerprint']}); use resume=never to start it over")
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.sam is not None:  # SAM (or a method) shares the base optimizer's groups, which loading replaced:
+            self.sam.param_groups = self.optimizer.param_groups  # a method reading the lr (GSAM, WSAM) must see the new ones
+        if isinstance(self.sam, MethodOptimizer) and state.get("method") is not None:
+            self.sam.load_method_state_dict(state["method"])
         if self.scaler is not None and state["scaler"] is not None:
             self.scaler.load_state_dict(state["scaler"])
         progress = Progress(**state["progress"])

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from sam_repro.config import OptimConfig
 from sam_repro.models.stochastic import RandomDraws, ShakeDrop, StochasticLayer
+from sam_repro.optim.methods import MethodOptimizer
 from sam_repro.optim.sam import SAM
 
 BN_STATS = ("first_pass", "both")
@@ -72,7 +73,7 @@ class Member:
 
     module: nn.Module
     optimizer: torch.optim.Optimizer
-    sam: Optional[SAM] = None
+    sam: Optional[SAM | MethodOptimizer] = None  # SAM, one of its follow-ups (optim/methods/), or None: SGD
     grad_clip: Optional[float] = None
 
 
@@ -191,7 +192,7 @@ def apply_gradients(members: Sequence[Member], grads: Sequence[Tensor], max_norm
         member.optimizer.zero_grad(set_to_none=False)
 
 
-def member_stats(loss_sum: Tensor, correct: Tensor, count: int, sam: Optional[SAM],
+def member_stats(loss_sum: Tensor, correct: Tensor, count: int, sam: Optional[SAM | MethodOptimizer],
                  loss_scale: Optional[Tensor]) -> StepStats:
     """One member's StepStats; SAM's logged gradient norm at w without the fp16 loss scale."""
     grad_norm = e_norm = None

@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from sam_repro.engine.eager import EagerStep
 from sam_repro.engine.grid import GridStep
 from sam_repro.engine.passes import BN_STATS, SHAKEDROP_MASKS, Member, StepConfig, StepStats, device_size
+from sam_repro.optim.methods import MethodOptimizer
 from sam_repro.optim.sam import SAM
 
 __all__ = ["BN_STATS", "SHAKEDROP_MASKS", "StepConfig", "StepStats", "TrainStep"]
@@ -36,7 +37,7 @@ class TrainStep:
         self,
         model: nn.Module,
         optimizer: torch.optim.Optimizer,
-        sam: Optional[SAM],
+        sam: Optional[SAM | MethodOptimizer],
         cfg: StepConfig,
         scaler: Optional[torch.amp.GradScaler] = None,
         first_pass_context: Callable[[], ContextManager] = contextlib.nullcontext,
@@ -49,12 +50,14 @@ class TrainStep:
         on the eager backend)."""
         self.member = Member(module if module is not None else model, optimizer, sam, cfg.grad_clip)
         self.cfg = cfg
-        self.eager = EagerStep(model, self.member, cfg, scaler, first_pass_context)
-        emulates_devices = cfg.device_batch or (sam is not None and cfg.m)
+        # SAM's follow-ups (optim/methods/) are written once, for the grid: they take it with one device too
+        self.method = isinstance(sam, MethodOptimizer)
+        self.eager = None if self.method else EagerStep(model, self.member, cfg, scaler, first_pass_context)
+        emulates_devices = cfg.device_batch or (sam is not None and cfg.m) or self.method
         self.grid = GridStep([self.member], cfg, scaler=scaler, grad_reduce=grad_reduce) if emulates_devices else None
 
     def __call__(self, x: Tensor, y: Tensor) -> StepStats:
-        if device_size(x.shape[0], self.cfg, self.member.sam is not None) == x.shape[0]:
+        if self.eager is not None and device_size(x.shape[0], self.cfg, self.member.sam is not None) == x.shape[0]:
             return self.eager(x, y)
         assert self.grid is not None, "a batch of several devices needs device_batch or m"
         return self.grid(x.unsqueeze(0), y.unsqueeze(0))[0]
