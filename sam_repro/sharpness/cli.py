@@ -85,7 +85,8 @@ def _parser() -> argparse.ArgumentParser:
     m = p.add_argument_group("m-sharpness")
     m.add_argument("--m", type=_ints, default=[16, 128], help="comma list of chunk sizes m (each must divide --subset)")
     m.add_argument("--rho", type=_floats, default=[0.05], help="comma list of radii rho")
-    m.add_argument("--ascent-steps", type=int, default=1, help="1: SAM's one-step e; n > 1: projected ascent")
+    m.add_argument("--ascent-steps", type=int, default=1, help="1: SAM's one-step e; n > 1: n iterates of projected "
+                   "normalized ascent (steps of rho/2, the largest loss over them)")
     ls = p.add_argument_group("landscape")
     ls.add_argument("--points", type=int, default=21, help="points of the 1D slice (default 21)")
     ls.add_argument("--grid", type=int, default=11, help="side of the 2D grid (0: no 2D slice; default 11)")
