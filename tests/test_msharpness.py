@@ -227,3 +227,20 @@ def test_grid_is_every_m_and_rho_with_m_outer() -> None:
 def test_bad_m_or_steps_are_refused(m: int, steps: int, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         m_sharpness(Concave([1.0, 2.0], [0.0, 0.0], m=2), m, RHO, steps=steps)
+
+
+def test_one_step_is_the_default_and_one_example_chunks_are_allowed() -> None:
+    grad, curvature = CASES["vertex at rho/2"]  # one step: 0; two steps: the maximum
+    obj = Concave([grad, grad], [curvature, curvature], m=1)
+    assert m_sharpness(obj, 1, RHO).value == pytest.approx(0.0, abs=1e-12) and m_sharpness(obj, 1, RHO).chunks == 2
+    assert [c.value for c in m_sharpness_grid(obj, [1, 2], [RHO])] == pytest.approx([0.0, 0.0], abs=1e-12)
+    assert m_sharpness(obj, 1, RHO).steps == 1 and m_sharpness_grid(obj, [2], [RHO])[0].steps == 1
+
+
+def test_time_is_the_cells_own_wall_time() -> None:
+    import time
+
+    obj = Concave([1.0, 2.0], [0.0, 0.0], m=2)
+    t0 = time.perf_counter()
+    cell = m_sharpness(obj, 2, RHO, steps=2)
+    assert 0.0 <= cell.time_s <= time.perf_counter() - t0

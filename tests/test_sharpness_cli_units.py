@@ -34,15 +34,34 @@ def stated(value) -> str:
 
 
 def test_every_option_has_its_help_and_every_default_is_the_one_it_states() -> None:
+    """The help says "default X" exactly where the option has a default, and X is it; an option
+    without one (a path, a flag) defaults to None / False."""
+    import re
+
     p = C._parser()
     actions = [a for a in p._actions if a.dest != "help"]
     keys = [a.option_strings[0] if a.option_strings else a.dest for a in actions]
     assert sorted(keys) == sorted(C.HELP) and p.description == C.DESCRIPTION
     for action, key in zip(actions, keys):
         assert action.help == C.HELP[key], key
-        if action.default not in (None, False, []):
+        said = re.search(r"default ([^);]+)\)?$", C.HELP[key])
+        if said is None:
+            assert action.default in (None, False, []), key
+        else:
             want = " ".join(stated(v) for v in action.default) if action.nargs == 2 else stated(action.default)
-            assert f"default {want}" in C.HELP[key], (key, action.default)
+            assert said.group(1) == want, (key, action.default)
+
+
+def test_the_help_page_names_the_program_its_groups_and_every_option(capsys) -> None:
+    with pytest.raises(SystemExit) as e:
+        parse("--help")
+    page = " ".join(capsys.readouterr().out.split())  # argparse wraps lines to the terminal's width
+    assert e.value.code == 0 and page.startswith("usage: sam-sharpness [-h] ")
+    assert "[RUN_DIR ...]" in page and "--interp-range T_MIN T_MAX" in page
+    for group in ("data and objective:", "hessian:", "m-sharpness:", "landscape:"):
+        assert group in page
+    for text in C.HELP.values():
+        assert " ".join(text.split()) in page
     assert parse().run_dirs == [] and parse().parts == "hessian,msharpness,landscape"
     assert parse().graph_memory == 4.0 and parse().interp_range == [-0.5, 1.5]
 
@@ -79,7 +98,9 @@ def test_choices_are_enforced(option: str, capsys) -> None:
 
 @pytest.mark.parametrize("args, problem", [
     (["r"], None),
+    (["r", "--subset", "1", "--batch-size", "1", "--m", "1", "--top-k", "1"], None),  # the smallest allowed
     (["r", "--parts", "hessian,bogus"], "--parts bogus: not a part; choose from hessian,msharpness,landscape"),
+    (["r", "--parts", "a,hessian,b"], "--parts a,b: not a part; choose from hessian,msharpness,landscape"),
     (["r", "--subset", "0"], "--subset 0 and --batch-size 256 must be >= 1"),
     (["r", "--batch-size", "0"], "--subset 512 and --batch-size 0 must be >= 1"),
     (["r", "--m", "0"], "--m 0 does not divide --subset 512 (chunks of m examples must tile the subset)"),
@@ -128,6 +149,20 @@ def test_hessian_block_is_the_instruments_output_with_the_options(obj: Objective
     assert block["hvp"]["graph_bytes"] > 0
 
 
+def test_hessian_block_in_float32_and_a_graph_budget_in_gib(obj: Objective) -> None:
+    model, x, y = net_problem(n=12)
+    obj32 = Objective.build(prepare_model(model, "eval", torch.float32), x, y, batch_size=4)
+    a = parse("r", "--top-k", "2", "--lanczos-iters", "10", "--trace-probes", "3", "--density", "--density-probes", "1",
+              "--density-iters", "3")
+    b32, b64 = C._hessian(obj32, a), C._hessian(obj, a)
+    assert b32["lambda_max"] == pytest.approx(b64["lambda_max"], rel=1e-4)
+    assert b32["trace"]["samples"] == pytest.approx(b64["trace"]["samples"], rel=1e-4)
+    per_batch = b64["hvp"]["graph_bytes"] / 3  # three batches of 4 examples, the same shapes
+    budget = parse("r", "--top-k", "1", "--lanczos-iters", "1", "--trace-probes", "1",
+                   "--graph-memory", repr(1.5 * per_batch / 2 ** 30))
+    assert C._hessian(obj, budget)["hvp"]["graphs_kept"] == 1  # 1.5 batches' worth of GiB keeps one
+
+
 def test_hessian_block_with_fewer_than_5_values_a_density_and_no_graphs(obj: Objective) -> None:
     a = parse("r", "--top-k", "3", "--lanczos-iters", "4", "--trace-probes", "2", "--density",
               "--density-probes", "2", "--density-iters", "3", "--graph-memory", "0")
@@ -163,6 +198,8 @@ def test_landscape_block_is_the_two_slices_with_the_options(obj: Objective) -> N
     assert block["span"] == 0.5 and block["d1"]["seed"] == 4 and block["d2"]["seed"] == 5
     assert block["directions"] == "gaussian, filter-normalized (Li et al. 2018); BN weights and biases not moved"
     assert C._landscape(obj, parse("r", "--points", "3", "--grid", "0"))["d2"] is None
+    one = C._landscape(obj, parse("r", "--points", "3", "--grid", "1"))["d2"]  # a 1 x 1 grid is still a grid
+    assert one["alpha"] == one["beta"] == [-1.0] and len(one["loss"]) == 1 and len(one["loss"][0]) == 1
 
 
 # -- setup, objective, document ----------------------------------------------------------------------
@@ -210,9 +247,28 @@ def test_document_merges_parts_measured_the_same_way(tmp_path: Path) -> None:
         assert C._existing(tmp_path) == {}
     (tmp_path / "sharpness.json").unlink()
     assert C._existing(tmp_path) == {}
-    run.summary = {"config": {}}  # a summary without final or epochs: nulls, never a crash
-    bare = C._document(run, setup, {}, 0.0)
+    run.summary = {}  # a summary without config, final or epochs: nulls, never a crash
+    bare = C._document(run, setup, {}, 1.23456)
     assert bare["run"]["final_test_err"] is None and bare["run"]["epochs_done"] is None
+    assert bare["run"]["optimizer"] is None and bare["wall_s"] == 1.235
+    import re
+
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", bare["measured_at"])  # whole seconds, UTC
+
+
+def test_measure_times_each_part_and_the_whole(tmp_path: Path, monkeypatch, capsys) -> None:
+    """On a clock that ticks 0.1234 s per reading: each part's time is its own two readings apart,
+    rounded to ms, and the file's wall time spans the objective and every part."""
+    ticks = iter(range(1000))
+    monkeypatch.setattr(C.time, "perf_counter", lambda: 0.1234 * next(ticks))
+    monkeypatch.setattr(C, "_objective", lambda run, a: "obj")
+    monkeypatch.setattr(C, "PARTS", {"one": lambda obj, a: {"x": obj}, "two": lambda obj, a: {"y": 2}})
+    run = run_like(tmp_path)
+    obj, doc = C.measure(run, parse("r"), ["one", "two"])
+    assert obj == "obj" and doc["one"] == {"x": "obj", "time_s": 0.123} and doc["two"] == {"y": 2, "time_s": 0.123}
+    assert doc["wall_s"] == round(0.1234 * 5, 3)  # readings 0 (start) and 5 (after the last part)
+    assert capsys.readouterr().out == "  one: 0.1 s\n  two: 0.1 s\n"
+    assert json.loads((tmp_path / "sharpness.json").read_text()) == doc
 
 
 def test_json_safe_turns_non_finite_floats_into_null_everywhere() -> None:
@@ -233,11 +289,11 @@ def metrics(path: Path, status: str = "completed", checkpoint: bool = True, shar
 
 
 def test_discover_lists_what_cannot_be_measured_and_why(tmp_path: Path, capsys) -> None:
-    good = metrics(tmp_path / "a")
-    done = metrics(tmp_path / "b", sharpness=True)
+    done = metrics(tmp_path / "a", sharpness=True)  # first in order: the rest is still looked at
+    good = metrics(tmp_path / "b")
     metrics(tmp_path / "c", status="running")
     metrics(tmp_path / "d", checkpoint=False)
-    assert C._discover(tmp_path, missing_only=False) == [good, done]
+    assert C._discover(tmp_path, missing_only=False) == [done, good]
     out = capsys.readouterr().out
     assert f"  skipped {tmp_path / 'c'}: {tmp_path / 'c'} is still running" in out
     assert f"  skipped {tmp_path / 'd'}: no checkpoint.pt" in out
@@ -261,6 +317,32 @@ def test_main_bad_arguments_exit_2_with_one_line(capsys) -> None:
     assert capsys.readouterr().err == "sam-sharpness: error: --subset 0 and --batch-size 256 must be >= 1\n"
 
 
+def test_main_checks_every_run_directory_before_measuring_any(tmp_path: Path, two_runs, capsys) -> None:
+    sgd, _ = two_runs
+    (sgd / "sharpness.json").unlink(missing_ok=True)
+    bad = metrics(tmp_path / "bad", checkpoint=False)
+    assert C.main([str(sgd), str(bad), "--subset", "16", "--parts", "landscape", "--points", "3", "--grid", "0"]) == 2
+    assert not (sgd / "sharpness.json").exists()  # the first was not measured: the second's error came first
+    assert "has no checkpoint.pt" in capsys.readouterr().err
+
+
+def test_main_passes_the_data_root_on(two_runs, monkeypatch, capsys) -> None:
+    seen = []
+    real = C.load_run
+    monkeypatch.setattr(C, "load_run", lambda path, data_root=None: seen.append(data_root) or real(path, data_root))
+    assert C.main([str(two_runs[0]), "--data-root", "/moved", "--subset", "16", "--parts", "landscape",
+                   "--points", "3", "--grid", "0"]) == 0
+    assert seen == ["/moved"]
+
+
+def test_console_script_exits_with_mains_status(monkeypatch, capsys) -> None:
+    monkeypatch.setattr(C.sys, "argv", ["sam-sharpness", "--subset", "0", "r"])
+    with pytest.raises(SystemExit) as e:
+        C.console_main()
+    assert e.value.code == 2
+    assert capsys.readouterr().err == "sam-sharpness: error: --subset 0 and --batch-size 256 must be >= 1\n"
+
+
 def test_main_with_nothing_to_measure(tmp_path: Path, capsys) -> None:
     metrics(tmp_path / "a", sharpness=True)
     threads = torch.get_num_threads()
@@ -272,10 +354,15 @@ def test_main_with_nothing_to_measure(tmp_path: Path, capsys) -> None:
     assert capsys.readouterr().out.endswith("sam-sharpness: measured 0 run(s)\n")
 
 
-def test_main_skips_a_measured_run_given_by_name_with_missing_only(tmp_path: Path, capsys) -> None:
+def test_main_skips_a_measured_run_given_by_name_with_missing_only(tmp_path: Path, two_runs, capsys) -> None:
     run = metrics(tmp_path / "a", sharpness=True)
-    assert C.main([str(run), "--missing-only", "--parts", "landscape"]) == 0
-    assert f"  {run}: has sharpness.json, skipped" in capsys.readouterr().out
+    sgd, _ = two_runs
+    (sgd / "sharpness.json").unlink(missing_ok=True)
+    assert C.main([str(run), str(sgd), "--missing-only", "--subset", "16", "--parts", "landscape", "--points", "3",
+                   "--grid", "0"]) == 0
+    out = capsys.readouterr().out
+    assert f"  {run}: has sharpness.json, skipped" in out and "measured 1 run(s)" in out
+    assert (sgd / "sharpness.json").exists()  # the one after the skipped one is measured
 
 
 # -- on real run directories (cheap parts only) ------------------------------------------------------
@@ -285,7 +372,8 @@ def two_runs(tmp_path_factory):
     from tests.sharpness_helpers import make_run_dir
 
     root = tmp_path_factory.mktemp("runs")
-    return make_run_dir(root / "sgd", ["optim=sgd"], seed=0), make_run_dir(root / "sam", ["optim=sam"], seed=1)
+    return (make_run_dir(root / "sgd", ["optim=sgd"], seed=0),
+            make_run_dir(root / "sam", ["optim=sam", "optim.wd_on_bn=false", "optim.label_smoothing=0.1"], seed=1))
 
 
 def test_objective_is_the_runs_loss_on_its_subset(two_runs) -> None:
@@ -298,8 +386,8 @@ def test_objective_is_the_runs_loss_on_its_subset(two_runs) -> None:
     x, y = train_subset(run.bundle, 16, 2)
     assert torch.equal(obj.x, x.double()) and torch.equal(obj.y, y) and obj.batch_size == 8
     assert obj.l2 == float(run.cfg.optim.weight_decay) > 0 and obj.params[0].dtype == F64 and obj.model.training
-    assert obj.l2_mask == tuple(bool(run.cfg.optim.wd_on_bn or p.ndim > 1) for p in obj.params)
-    assert obj.label_smoothing == float(run.cfg.optim.label_smoothing)
+    assert obj.l2_mask == tuple(p.ndim > 1 for p in obj.params) and not all(obj.l2_mask)  # wd_on_bn=false
+    assert obj.label_smoothing == 0.1
     out = C._objective(run, parse("r", "--subset", "16"))
     assert out.l2 == 0.0 and out.params[0].dtype == torch.float32 and not out.model.training
     assert run.model.training is False and run.model.fc.weight.dtype == torch.float32  # the run's model untouched
@@ -323,9 +411,8 @@ def test_measure_writes_each_part_with_its_time_and_the_interpolation_into_both(
         assert interp["t"] == [0.0, 0.5, 1.0] and interp["other"]["optimizer"] == other
         assert interp["direction"] == "t=0: this run, t=1: the other"
         assert interp["loss"][0] == pytest.approx(doc["landscape"]["d1"]["loss"][1], rel=1e-6)  # t = 0: this run
-    # t = 1 on the SGD run's subset (the same seeded draw of the same data): the SAM run itself
-    assert docs[0]["interpolation"]["loss"][2] == pytest.approx(docs[1]["landscape"]["d1"]["loss"][1], rel=1e-5)
     assert docs[0]["interpolation"]["other"]["run_dir"] == "../sam" and docs[1]["interpolation"]["other"]["seed"] == 0
+    assert docs[0]["interpolation"]["other"]["rho"] == 0.05 and docs[1]["interpolation"]["other"]["rho"] is None
     assert docs[0]["run"]["optimizer"] == "sgd" and docs[1]["run"]["rho"] == 0.05
     assert not [p for run in two_runs for p in run.iterdir() if p.name.endswith(".tmp")]
 
@@ -336,5 +423,6 @@ def test_runs_root_measures_what_is_missing(two_runs, capsys) -> None:
     (sgd / "sharpness.json").write_text("{}")
     assert C.main(["--runs", str(sgd.parent), "--missing-only", "--subset", "16", "--parts", "landscape",
                    "--points", "3", "--grid", "0"]) == 0
-    assert "measured 1 run(s)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "measured 1 run(s)" in out and "skipped" not in out  # below a root, measured runs are passed over quietly
     assert (sgd / "sharpness.json").read_text() == "{}" and "landscape" in json.loads((sam / "sharpness.json").read_text())

@@ -118,3 +118,29 @@ def test_interpolation_restores_the_buffers_when_evaluation_fails() -> None:
     with pytest.raises(RuntimeError):
         interpolate(a, b.params, b.buffers, 0.0, 1.0, 3)
     assert a.buffers is own
+
+
+def test_interpolation_steps_are_float64_and_the_other_run_is_cast_to_this_one() -> None:
+    """t = i/6 exactly as a float64 (a float32 linspace would print 0.16666667163372); the other
+    run's weights and statistics in float32 are cast to this run's float64 before mixing."""
+    a, b = Known(seed=0), Known(seed=1)
+    b32 = [p.float() for p in b.params]
+    buffers32 = {k: (v.float() if v.is_floating_point() else v) for k, v in b.buffers.items()}
+    path = interpolate(a, b32, buffers32, 0.0, 1.0, 7)
+    assert path.t == pytest.approx([i / 6 for i in range(7)], rel=1e-15, abs=1e-16)
+    for t, loss in zip(path.t, path.loss):
+        params = [torch.lerp(pa, pb.double(), t) for pa, pb in zip(a.params, b32)]
+        buffers = {"running_mean": torch.lerp(a.buffers["running_mean"], buffers32["running_mean"].double(), t),
+                   "num_batches_tracked": a.buffers["num_batches_tracked"]}
+        assert loss == pytest.approx(a.loss(params, buffers), rel=1e-12)
+
+
+def test_each_result_records_its_own_wall_time() -> None:
+    import time
+
+    obj = Known()
+    t0 = time.perf_counter()
+    results = [slice_1d(obj, 1.0, 3, 0), slice_2d(obj, 1.0, 2, 0), interpolate(obj, Known(1).params, Known(1).buffers,
+                                                                               0.0, 1.0, 2)]
+    elapsed = time.perf_counter() - t0
+    assert all(0.0 <= r.time_s <= elapsed for r in results)

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from sam_repro.sharpness import (HVP_MODES, AffineBatchNorm, ForwardHVP, Objective, ReverseHVP, lanczos, make_hvp,
-                                 prepare_model, slq_density, top_eigenvalues)
+from sam_repro.sharpness import (HVP_MODES, AffineBatchNorm, ForwardHVP, Objective, ReverseHVP, hutchinson_trace,
+                                 lanczos, make_hvp, prepare_model, slq_density, top_eigenvalues)
 from sam_repro.sharpness.hessian import Lanczos, _tridiagonal_eigh, rademacher
 
 F64 = torch.float64
@@ -328,3 +328,150 @@ def test_slq_density_is_the_smoothed_mixture_of_its_nodes() -> None:
     assert torch.allclose(torch.tensor(d.density, dtype=F64), gauss @ weights, rtol=1e-10)
     step = d.grid[1] - d.grid[0]
     assert sum(d.density) * step == pytest.approx(1.0, abs=1e-3)  # a density: integrates to one
+
+
+# -- survivors of the first mutation run: defaults, records, devices, numeric edges -----------------
+
+def test_results_record_their_tolerance_and_their_own_wall_time() -> None:
+    import time
+
+    a = spd(8, 5)
+    t0 = time.perf_counter()
+    top = top_eigenvalues(lambda v: a @ v, 8, k=2, iters=8, tol=1e-3, seed=0, dtype=F64)
+    trace = hutchinson_trace(lambda v: a @ v, 8, max_probes=5, tol=0.25, seed=0, dtype=F64)
+    dens = slq_density(lambda v: a @ v, 8, probes=1, iters=3, seed=0, dtype=F64)
+    elapsed = time.perf_counter() - t0
+    assert top.tol == 1e-3 and trace.tol == 0.25
+    for r in (top, trace, dens):
+        assert 0.0 <= r.time_s <= elapsed
+    assert set(dens.as_json()) == {"nodes", "weights", "probes", "iterations", "sigma", "grid", "density", "time_s",
+                                   "method"}
+
+
+def test_lanczos_checks_convergence_only_when_asked() -> None:
+    a = spd(10, 3)
+    calls = []
+    lanczos(lambda v: a @ v, torch.ones(10, dtype=F64), iters=6, converged=lambda s: calls.append(1) or True)
+    assert calls == []  # check_every defaults to 0: never
+
+
+def test_lanczos_invariant_subspace_threshold_is_relative_to_alpha() -> None:
+    """beta <= 1e-10 * max(1, |alpha|): a start vector 1e-11 off an eigenvector of eigenvalue 1e6
+    leaves beta ~ 1e-5, below 1e-4 (stop); one 1e-10 off an eigenvector of eigenvalue 1 leaves
+    beta = 1.5e-10, above 1e-10 (go on)."""
+    big = torch.diag(torch.tensor([1e6, 1.0], dtype=F64))
+    assert len(lanczos(lambda v: big @ v, torch.tensor([1.0, 1e-11], dtype=F64), iters=2).alphas) == 1
+    small = torch.diag(torch.tensor([1.0, -0.5], dtype=F64))
+    assert len(lanczos(lambda v: small @ v, torch.tensor([1.0, 1e-10], dtype=F64), iters=2).alphas) == 2
+
+
+def test_top_eigenvalues_start_from_the_same_float64_draw_in_every_dtype() -> None:
+    a = spd(12, 6)
+    starts = {}
+    for dtype in (torch.float32, F64):
+        seen = []
+        mv = lambda v, a=a.to(dtype): seen.append(v.clone()) or a @ v
+        top = top_eigenvalues(mv, 12, k=1, iters=12, tol=1e-5, seed=9, dtype=dtype)
+        assert all(v.dtype == dtype for v in seen) and top.values[0] == pytest.approx(
+            float(torch.linalg.eigvalsh(a)[-1]), rel=1e-4)
+        starts[dtype] = seen[0].double()
+    v0 = torch.randn(12, generator=torch.Generator().manual_seed(9), dtype=F64)
+    assert torch.allclose(starts[F64], v0 / v0.norm(), rtol=1e-12)
+    assert torch.allclose(starts[torch.float32], starts[F64], rtol=1e-6)
+
+
+def test_top_eigenvalues_converge_after_k_steps_when_k_steps_suffice() -> None:
+    three = top_eigenvalues(lambda v: 3.0 * v, 6, k=1, iters=6, tol=1e-9, seed=0, dtype=F64)
+    assert (three.values, three.iterations, three.converged) == (pytest.approx([3.0]), 1, True)
+
+
+def test_top_eigenvalues_check_after_every_step() -> None:
+    """The first step count at which every top-k residual is within tol * |theta_max|, found here
+    by running Lanczos from the same start for 1, 2, ... steps."""
+    lam = torch.tensor([10.0, 9.0, 8.5] + [1.0 + i / 10 for i in range(27)], dtype=F64)
+    q, _ = torch.linalg.qr(torch.randn(30, 30, dtype=F64, generator=torch.Generator().manual_seed(1)))
+    a = q @ torch.diag(lam) @ q.T
+    v0 = torch.randn(30, generator=torch.Generator().manual_seed(4), dtype=F64)
+    for tol in (1e-2, 1e-3, 1e-4):
+        want = next(n for n in range(1, 31) if (lambda s: len(s.alphas) >= 2 and bool(
+            (s.residuals[torch.argsort(s.ritz_values, descending=True)[:2]] <= tol * s.ritz_values.abs().max()).all()))(
+            lanczos(lambda v: a @ v, v0, n)))
+        assert top_eigenvalues(lambda v: a @ v, 30, k=2, iters=30, tol=tol, seed=4, dtype=F64).iterations == want
+
+
+def test_hutchinson_defaults_to_at_least_10_probes_and_stops_at_an_exact_zero_error() -> None:
+    d = torch.diag(torch.arange(1.0, 7.0, dtype=F64))  # every Rademacher probe gives tr = 21 exactly
+    t = hutchinson_trace(lambda v: d @ v, 6, max_probes=50, tol=0.0, seed=0, dtype=F64)
+    assert (t.probes, t.converged, t.stderr) == (10, True, 0.0)
+
+
+def test_rademacher_and_directions_are_made_on_the_device_asked() -> None:
+    from sam_repro.sharpness import filter_normalized_direction
+
+    meta = torch.device("meta")
+    assert rademacher(5, torch.Generator().manual_seed(0), F64, meta).device == meta
+    d = filter_normalized_direction([torch.empty(3, 2, device=meta), torch.empty(3, device=meta)],
+                                    torch.Generator().manual_seed(0))
+    assert [t.device for t in d] == [meta, meta]
+
+
+@pytest.mark.parametrize("lam", [[0.1, 1.3, 1.3, 2.7, 4.45, 9.125], [2.0, 2.3, 2.6]], ids=["wide", "narrow"])
+def test_slq_density_nodes_weights_grid_and_smoothing(lam: list) -> None:
+    """Per probe the weights are the squared first components, so sum_i w_i theta_i = z^T H z / ||z||^2,
+    which for a diagonal H and Rademacher z is mean(lambda); the grid spans the nodes padded by 5 %
+    of their range, smoothed with sigma = 1 % of it (the defaults), 200 points."""
+    h = torch.tensor(lam, dtype=F64)
+    d = slq_density(lambda v: h * v, len(lam), probes=3, iters=len(lam), seed=2, dtype=F64)
+    for nodes, weights in zip(d.nodes, d.weights):
+        assert sum(n * w for n, w in zip(nodes, weights)) == pytest.approx(float(h.mean()), rel=1e-10)
+    nodes = torch.tensor(sum(d.nodes, []), dtype=F64)
+    weights = torch.tensor(sum(d.weights, []), dtype=F64) / 3
+    lo, hi = float(nodes.min()), float(nodes.max())
+    assert len(d.grid) == len(d.density) == 200
+    assert d.grid[0] == pytest.approx(lo - 0.05 * (hi - lo), rel=1e-12) and d.grid[-1] == pytest.approx(
+        hi + 0.05 * (hi - lo), rel=1e-12)
+    assert d.sigma == pytest.approx(0.01 * (hi - lo), rel=1e-12)
+    grid = torch.tensor(d.grid, dtype=F64)
+    gauss = torch.exp(-((grid[:, None] - nodes[None, :]) ** 2) / (2 * d.sigma ** 2)) / (d.sigma * math.sqrt(2 * math.pi))
+    assert torch.allclose(torch.tensor(d.density, dtype=F64), gauss @ weights, rtol=1e-10)
+
+
+def test_slq_density_draws_its_probes_from_its_own_seed() -> None:
+    a = spd(4, 7)  # not diagonal: for a diagonal H every Rademacher start gives the same Krylov space
+    first = slq_density(lambda v: a @ v, 4, probes=2, iters=3, seed=8, dtype=F64)
+    torch.manual_seed(123)  # the global generator plays no part
+    again = slq_density(lambda v: a @ v, 4, probes=2, iters=3, seed=8, dtype=F64)
+    assert first.nodes == again.nodes and first.weights == again.weights
+    g = torch.Generator().manual_seed(8)
+    for nodes, weights in zip(first.nodes, first.weights):  # the probes, in order, from that generator
+        z = rademacher(4, g, F64, torch.device("cpu"))
+        assert sum(n * w for n, w in zip(nodes, weights)) == pytest.approx(float(z @ a @ z) / float(z @ z), rel=1e-9)
+
+
+def test_hvp_of_a_parameter_the_loss_never_uses_is_zero() -> None:
+    a = spd(3, 1)
+    losses = [(lambda p: 0.5 * p[0] @ a @ p[0], 1.0)]
+    params = (torch.randn(3, dtype=F64), torch.randn(2, dtype=F64))
+    for mode in MODES:
+        out = make_hvp(mode, losses, params)((torch.ones(3, dtype=F64), torch.ones(2, dtype=F64)))
+        assert torch.allclose(out[0], a @ torch.ones(3, dtype=F64)) and torch.equal(out[1], torch.zeros(2, dtype=F64))
+
+
+def test_kept_graph_bytes_count_every_saved_storage_once() -> None:
+    """(A p)^2 + (B p)^2 must keep A and B (800 kB each) for its double backward: the graph holds at
+    least both, and a loss that saves nothing holds 0 bytes (kept even with a budget of 0)."""
+    gen = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(1000, 100, dtype=F64, generator=gen) for _ in range(2))
+    p = (torch.randn(100, dtype=F64, generator=gen),)
+    op = ReverseHVP([(lambda q: (a @ q[0]).square().sum() + (b @ q[0]).square().sum(), 1.0)], p, 10 ** 9)
+    op((torch.ones(100, dtype=F64),))
+    assert a.nbytes + b.nbytes <= op.stats()["graph_bytes"] < 3 * (a.nbytes + b.nbytes)
+    linear = ReverseHVP([(lambda q: 2.0 * q[0].sum(), 1.0)], p, graph_budget=0)
+    linear((torch.ones(100, dtype=F64),))
+    assert linear.stats()["graph_bytes"] == 0 and linear.stats()["graphs_kept"] == 1
+
+
+def test_a_model_of_one_parameter_has_an_l2_term_of_zero_when_measured_out() -> None:
+    model, x, y = nn.Linear(3, 3, bias=False), torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
+    obj = Objective.build(prepare_model(model, "eval", F64), x, y, batch_size=4)
+    assert len(obj.params) == 1 and float(obj.l2_term(obj.params)) == 0.0
