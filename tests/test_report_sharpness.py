@@ -1,23 +1,27 @@
 """The report's sharpness table and landscape figure, from sharpness.json files written by hand
-(the report reads them; it never measures)."""
+or by the instruments' own JSON blocks (the report reads them; it never measures)."""
 from __future__ import annotations
 
 import hashlib
 import json
 import math
 import shutil
+import statistics
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from scipy import stats
 from tests.conftest_report import write_run
+from tests.test_msharpness import Concave
 
 from sam_repro.report import generate
 from sam_repro.report import sharpness as S
 from sam_repro.report.load import load_runs
 from sam_repro.report.sharpness import sharpness_table
+from sam_repro.sharpness import hutchinson_trace, m_sharpness
 
 REPO = Path(__file__).resolve().parent.parent
 BUDGET = REPO / "results" / "runs" / "budget_cpu_cifar10jpeg_resnet20"
@@ -55,7 +59,7 @@ def test_sharpness_table_and_figure_from_run_directories(tmp_path: Path) -> None
     # Several seeds: mean ± t-interval; another measurement setup is never averaged in.
     data = report.sharpness.data
     assert data.loc[data["method"] == "SGD", "lambda_max_mean"].item() == pytest.approx(40)
-    again = generate(runs, tmp_path / "again")
+    generate(runs, tmp_path / "again")
     for name in ("sharpness.md", "sharpness.csv", "README.md", figures[0].name):  # the PNG too: byte-stable
         assert (out / name).read_bytes() == (tmp_path / "again" / name).read_bytes()
     assert sharpness_table(report.loaded.runs.iloc[0:0])[0].display.empty
@@ -70,16 +74,19 @@ ON_1024 = "1024 train ex., BN eval, L2 out, fp32"
 NOTES = [
     "Measured by `sam-sharpness` on each run's own model and training data (a fixed seeded subset, no "
     "augmentation); every run's sharpness.json says how (subset, seed, iterations, tolerances, error "
-    "bars). One seed: the value; several: mean ± 95% CI over seeds (Student t).",
+    "bars). Several seeds: mean ± 95% CI over seeds (Student t); one seed: the value, the trace and "
+    "m-sharpness ± the 95% CI of the run's own estimate (Student t over its Hutchinson probes or chunks).",
     "lambda: Hessian eigenvalues (Lanczos), trace: Hutchinson; m-sharpness: SAM paper Sec. 4.1 (mean "
     "over chunks of m examples of the loss increase at the worst perturbation of norm rho)."]
 
 
-def sdoc(lmax: float, ratio: float, trace: float, cells: list | None = None, subset: int = 512, **more) -> dict:
+def sdoc(lmax: float, ratio: float, trace: float, cells: list | None = None, subset: int = 512,
+         trace_block: dict | None = None, **more) -> dict:
     """A sharpness.json document with the given numbers (no landscape unless `more` adds one)."""
     doc = {"schema": 1,
            "setup": {"subset": subset, "seed": 0, "bn_mode": "eval", "dtype": "fp32", "weight_decay": {"in_loss": False}},
-           "hessian": {"lambda_max": lmax, "lambda_max_over_lambda_5": ratio, "trace": {"value": trace, "stderr": 1.0}},
+           "hessian": {"lambda_max": lmax, "lambda_max_over_lambda_5": ratio,
+                       "trace": trace_block or {"value": trace, "stderr": 1.0}},
            "msharpness": {"cells": cells or []}}
     doc.update(more)
     return doc
@@ -200,10 +207,11 @@ def test_sharpness_rows_one_row_per_real_run_with_a_file(tmp_path: Path) -> None
     put(write_run(root, "d_smoke", test_err=50.0, source="synthetic"), sdoc(1.0, 1.0, 1.0))  # never a result
     runs = load_runs(root).runs
     rows = S.sharpness_rows(runs)
+    cells = ["m-sharpness m=16 rho=0.1", "m-sharpness m=128 rho=0.05", "m-sharpness m=16 rho=0.1 3-step",
+             "m-sharpness m=16 rho=0.05 2-step"]
     assert list(rows.columns) == [
-        "figure_key", "optimizer", "rho", "seed", "run_dir", "abs_dir", "measured_on", "trained", "test_err", "lambda_max",
-        "lambda_ratio", "trace", "m-sharpness m=16 rho=0.1", "m-sharpness m=128 rho=0.05",
-        "m-sharpness m=16 rho=0.1 3-step", "m-sharpness m=16 rho=0.05 2-step"]
+        "figure_key", "optimizer", "rho", "seed", "run_dir", "abs_dir", "measured_on", "trained", "test_err",
+        "lambda_max", "lambda_ratio", "trace", "own_ci95 trace", *(c for name in cells for c in (name, f"own_ci95 {name}"))]
     assert list(rows["run_dir"]) == ["b_sam0", "c_sam1"]
     assert list(rows["abs_dir"]) == [str(root / "b_sam0"), str(root / "c_sam1")]
     assert list(rows["figure_key"]) == [figure_key(), figure_key()]
@@ -241,8 +249,9 @@ def test_sharpness_rows_values_that_are_not_finite_numbers_are_nan(tmp_path: Pat
     assert list(rows["test_err"]) == [3.0, 4.0, 5.0]
     numbers = ["lambda_max", "lambda_ratio", "trace", "m-sharpness m=16 rho=0.05", "m-sharpness m=32 rho=0.05",
                "m-sharpness m=64 rho=0.05"]
-    assert list(rows.columns[8:]) == ["test_err", *numbers]
-    assert rows[numbers].isna().all().all()
+    assert list(rows.columns[8:]) == ["test_err", *(c for name in numbers for c in (
+        [name] if name.startswith("lambda") else [name, f"own_ci95 {name}"]))]
+    assert rows[numbers].isna().all().all() and rows[[f"own_ci95 {n}" for n in numbers[2:]]].isna().all().all()
 
 
 def test_sharpness_rows_empty_without_files(tmp_path: Path) -> None:
@@ -263,6 +272,10 @@ def test_fmt_value_interval_or_dash() -> None:
     assert S._fmt(pd.Series([1, 2, 3])) == "2 ± 2.5"  # t(0.975, 2) * 1 / sqrt(3) = 2.484
     assert S._fmt(pd.Series([40.0, 40.0])) == "40 ± 0"
     assert S._fmt(pd.Series([1234.5678, 1234.5678, 1234.6])) == "1235 ± 0.046"
+    assert S._fmt(pd.Series([900.0, 1000.0])) == "950 ± 640"  # t(0.975, 1) * 70.7 / sqrt(2) = 635: no exponent
+    assert S._fmt(pd.Series([3e6, 5e6])) == "4e+06 ± 1.3e+07"
+    assert S._fmt(pd.Series([924.7]), pd.Series([183.2])) == "924.7 ± 180"  # one run: its own interval
+    assert S._fmt(pd.Series([math.nan, 0.5]), pd.Series([9.0, 0.25])) == "0.5 ± 0.25"  # the run with the value
 
 
 def test_sharpness_table_of_no_rows(tmp_path: Path) -> None:
@@ -360,3 +373,79 @@ def test_sharpness_table_one_method_without_rho_and_settings_sharing_a_stem(tmp_
                                            "lambda_max", "lambda_max / lambda_5", "trace"]
     assert table.display.values.tolist() == [[stem[lr], "SGD", "200 epochs", by_lr[lr][0], ON_512, *by_lr[lr][1:]]
                                              for lr in order]
+
+
+# -- one seed: the estimate's own interval from its standard error ---------------------------------
+
+def own_half_width(stderr: float, k: int) -> float:
+    """The 95% half-width of a mean of k samples with this standard error (Student t, k - 1 dof)."""
+    return float(stats.t.ppf(0.975, k - 1) * stderr)
+
+
+def test_one_seed_shows_the_trace_and_m_sharpness_with_their_own_interval(tmp_path: Path) -> None:
+    """The table's ± on a one-seed row is the estimator's: t_{0.975, k-1} x the stderr sharpness.json
+    gives over its k probes (trace) or chunks (m-sharpness); lambda_max and rows without a usable
+    stderr or count show the value alone; several seeds are the interval over seeds, whatever the stderrs."""
+    trace = {"value": 300.0, "stderr": 4.0, "probes": 10}
+    cells = [cell(16, 0.1, 0.2, stderr=0.01, chunks=32), cell(128, 0.05, 0.07, stderr=None, chunks=1),
+             cell(64, 0.05, 0.05, stderr=0.02)]  # no chunk count: no interval
+    put(write_run(tmp_path, "a_sgd", test_err=3.0, optimizer="sgd"), sdoc(40, 8, 300, cells, trace_block=trace))
+    sam = [(0, 150.0, 0.1), (1, 170.0, 0.14)]
+    for seed, tr, ms in sam:
+        put(write_run(tmp_path, f"b_sam{seed}", test_err=2.0, seed=seed),
+            sdoc(20, 5, tr, [cell(16, 0.1, ms, stderr=0.5, chunks=32)], trace_block={"value": tr, "stderr": 50.0,
+                                                                                   "probes": 10}))
+    table, rows = S.sharpness_table(load_runs(tmp_path).runs)
+    sgd = table.display.set_index("method").loc["SGD"]
+    assert sgd["trace"] == "300 ± 9"  # t(0.975, 9) * 4 = 9.05
+    assert sgd["m-sharpness m=16 rho=0.1"] == f"0.2 ± {own_half_width(0.01, 32):.2g}"
+    assert (sgd["m-sharpness m=128 rho=0.05"], sgd["m-sharpness m=64 rho=0.05"], sgd["lambda_max"]) == ("0.07", "0.05", "40")
+    data = table.data.set_index("method")
+    assert data.loc["SGD", "trace_ci95"] == pytest.approx(own_half_width(4.0, 10), rel=1e-12)
+    assert data.loc["SGD", "m-sharpness m=16 rho=0.1_ci95"] == pytest.approx(own_half_width(0.01, 32), rel=1e-12)
+    assert math.isnan(data.loc["SGD", "m-sharpness m=128 rho=0.05_ci95"]) and math.isnan(data.loc["SGD", "lambda_max_ci95"])
+    mean, ci = mean_ci([150.0, 170.0])
+    assert data.loc["SAM rho=0.05", "trace_ci95"] == pytest.approx(ci, rel=1e-12)  # over seeds, not the stderrs
+    assert table.display.set_index("method").loc["SAM rho=0.05", "m-sharpness m=16 rho=0.1"] == \
+        "%.4g ± %.2g" % mean_ci([0.1, 0.14])
+    assert rows.loc[rows["run_dir"] == "a_sgd", "own_ci95 trace"].item() == pytest.approx(own_half_width(4.0, 10))
+
+
+def test_a_seed_without_the_metric_leaves_the_interval_to_the_run_that_has_it(tmp_path: Path) -> None:
+    """Two runs of one method, only the second with a trace: n = 1, and the ± is that run's own."""
+    put(write_run(tmp_path, "a", test_err=3.0, seed=0), sdoc(20, 5, None, trace_block={"value": None}))
+    put(write_run(tmp_path, "b", test_err=3.0, seed=1), sdoc(20, 5, 150, trace_block={"value": 150.0, "stderr": 2.0,
+                                                                                        "probes": 5}))
+    table, _ = S.sharpness_table(load_runs(tmp_path).runs)
+    assert table.display["trace"].tolist() == ["150 ± 5.6"]  # t(0.975, 4) * 2 = 5.55
+
+
+@pytest.mark.parametrize("estimate, count_key, want", [
+    ({"stderr": 4.0, "probes": 10}, "probes", own_half_width(4.0, 10)),
+    ({"stderr": 0.5, "chunks": 2}, "chunks", own_half_width(0.5, 2)),  # t(0.975, 1) = 12.7
+    ({"stderr": 0.5, "chunks": 1}, "chunks", math.nan),
+    ({"stderr": None, "chunks": 8}, "chunks", math.nan),
+    ({"stderr": 0.5}, "chunks", math.nan),
+    ({"stderr": 0.5, "probes": 8}, "chunks", math.nan),
+    (None, "probes", math.nan),
+])
+def test_own_ci95(estimate, count_key: str, want: float) -> None:
+    got = S._own_ci95(estimate, count_key)
+    assert math.isnan(got) if math.isnan(want) else got == pytest.approx(want, rel=1e-12)
+
+
+def test_the_table_uses_the_stderrs_the_instruments_compute(tmp_path: Path) -> None:
+    """hutchinson_trace and m_sharpness's own JSON blocks, as sam-sharpness writes them, give the
+    one-seed interval t_{0.975, k-1} * s / sqrt(k) of their samples (recomputed here from them)."""
+    h = torch.tensor([[2.0, 1.0, 0.5], [1.0, -1.0, 0.25], [0.5, 0.25, 3.0]], dtype=torch.float64)
+    trace = hutchinson_trace(lambda v: h @ v, 3, max_probes=6, tol=0.0, seed=0, dtype=torch.float64).as_json()
+    ms = m_sharpness(Concave([1.0, 2.0, 4.0], [0.0] * 3, m=2), 2, 0.5).as_json()
+    put(write_run(tmp_path, "a", test_err=3.0), sdoc(20, 5, trace["value"], [ms], trace_block=trace))
+    table, _ = S.sharpness_table(load_runs(tmp_path).runs)
+    samples = trace["samples"]
+    want = stats.t.ppf(0.975, 5) * statistics.stdev(samples) / math.sqrt(6)
+    assert table.data.loc[0, "trace_ci95"] == pytest.approx(want, rel=1e-9)
+    values = [0.5 * 1.0, 0.5 * 2.0, 0.5 * 4.0]  # rho ||g_c|| per chunk
+    want = stats.t.ppf(0.975, 2) * statistics.stdev(values) / math.sqrt(3)
+    assert table.data.loc[0, "m-sharpness m=2 rho=0.5_ci95"] == pytest.approx(want, rel=1e-9)
+

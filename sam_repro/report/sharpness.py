@@ -3,7 +3,9 @@
 
 Per setting (every config field but the optimizer's) and method: the final test error, lambda_max,
 lambda_max / lambda_5, the Hessian trace and the m-sharpness cells; mean ± 95% t-interval over
-seeds where there are several (one seed: the value alone). Runs measured differently (another
+seeds where there are several. One seed: the value, and for the trace and m-sharpness ± the 95%
+interval of the estimate itself (t_{0.975, k-1} x its standard error over its k Hutchinson probes
+or m-sharpness chunks), which is all a one-seed SGD vs SAM comparison has. Runs measured differently (another
 subset, BatchNorm mode, weight-decay term or dtype) are never averaged together: the "measured
 on" column tells them apart; "trained" is the training the runs did (report/budget.py: steps,
 epochs and images where train_steps cut the configured epochs). The landscape figure of each
@@ -16,14 +18,17 @@ import math
 from pathlib import Path
 from typing import Any, Optional
 
+import numpy as np
 import pandas as pd
+import scipy.stats as sps
 
 from sam_repro.report.plots import OPTIMIZER_FIELDS, real_runs, unique_stems, without
-from sam_repro.report.tables import DASH, Table, t_interval
+from sam_repro.report.tables import DASH, Stats, Table, t_interval
 
 SHARPNESS_FILE = "sharpness.json"
 FIGURE_GLOB = "sharpness_*.png"
 METHOD_ORDER = {"sgd": 0, "sam": 1, "asam": 2}
+OWN_CI = "own_ci95 "  # a per-run column: the 95% half-width of the run's own estimate of the metric after it
 
 
 def read_sharpness(run_dir: str | Path) -> Optional[dict[str, Any]]:
@@ -66,23 +71,46 @@ def sharpness_rows(runs: pd.DataFrame) -> pd.DataFrame:
                "test_err": _num(r.get("final.test_err")),
                "lambda_max": _num(lookup(doc, "hessian", "lambda_max")),
                "lambda_ratio": _num(lookup(doc, "hessian", "lambda_max_over_lambda_5")),
-               "trace": _num(lookup(doc, "hessian", "trace", "value"))}
+               "trace": _num(lookup(doc, "hessian", "trace", "value")),
+               OWN_CI + "trace": _own_ci95(lookup(doc, "hessian", "trace"), "probes")}
         for cell in lookup(doc, "msharpness", "cells") or []:
             if not isinstance(cell, dict) or math.isnan(_num(cell.get("rho"))):
                 continue  # a malformed cell is left out, never a crash of the report
             steps = cell.get("steps", 1)
             name = f"m-sharpness m={cell.get('m')} rho={cell.get('rho'):g}" + (f" {steps}-step" if steps != 1 else "")
             row[name] = _num(cell.get("value"))
+            row[OWN_CI + name] = _own_ci95(cell, "chunks")
         rows.append(row)
     return pd.DataFrame(rows)
 
 
-def _fmt(values: pd.Series) -> str:
-    """'12.3' (one seed), '12.3 ± 0.4' (several: 95% t-interval), a dash when absent."""
-    s = t_interval(values.astype(float))
+def _own_ci95(estimate: Any, count_key: str) -> float:
+    """The 95% half-width of one run's estimate, t_{0.975, k-1} * stderr over its k samples (the
+    trace's probes, an m-sharpness cell's chunks); NaN when the file gives no finite stderr or k < 2."""
+    stderr, k = _num(lookup(estimate, "stderr")), _num(lookup(estimate, count_key))
+    if math.isnan(stderr) or math.isnan(k) or k < 2:
+        return math.nan
+    return float(sps.t.ppf(0.975, k - 1) * stderr)
+
+
+def _stats(values: pd.Series, own_ci95: Optional[pd.Series] = None) -> Stats:
+    """Mean ± 95% t-interval over the runs' values; one run: its own estimate's interval (`own_ci95`,
+    aligned with `values`) where it has one."""
+    values = values.astype(float)
+    s = t_interval(values)
+    if s.n == 1 and own_ci95 is not None:
+        own = own_ci95.astype(float)[np.isfinite(values)]
+        return Stats(1, s.mean, math.nan, float(own.iloc[0]))
+    return s
+
+
+def _fmt(values: pd.Series, own_ci95: Optional[pd.Series] = None) -> str:
+    """'12.3' (one seed), '12.3 ± 0.4' (several: 95% t-interval; one with its own interval), a dash when absent."""
+    s = _stats(values, own_ci95)
     if s.n == 0:
         return DASH
-    return f"{s.mean:.4g}" if math.isnan(s.ci95) else f"{s.mean:.4g} ± {s.ci95:.2g}"
+    # the half-width to two significant digits, without an exponent below 1e6 ("± 180", not "± 1.8e+02")
+    return f"{s.mean:.4g}" if math.isnan(s.ci95) else f"{s.mean:.4g} ± {float(f'{s.ci95:.2g}'):g}"
 
 
 def sharpness_table(runs: pd.DataFrame) -> tuple[Table, pd.DataFrame]:
@@ -92,7 +120,8 @@ def sharpness_table(runs: pd.DataFrame) -> tuple[Table, pd.DataFrame]:
                ("lambda_ratio", "lambda_max / lambda_5"), ("trace", "trace")]
     notes = ["Measured by `sam-sharpness` on each run's own model and training data (a fixed seeded subset, no "
              "augmentation); every run's sharpness.json says how (subset, seed, iterations, tolerances, error "
-             "bars). One seed: the value; several: mean ± 95% CI over seeds (Student t).",
+             "bars). Several seeds: mean ± 95% CI over seeds (Student t); one seed: the value, the trace and "
+             "m-sharpness ± the 95% CI of the run's own estimate (Student t over its Hutchinson probes or chunks).",
              "lambda: Hessian eigenvalues (Lanczos), trace: Hutchinson; m-sharpness: SAM paper Sec. 4.1 (mean "
              "over chunks of m examples of the loss increase at the worst perturbation of norm rho)."]
     if rows.empty:
@@ -110,8 +139,9 @@ def sharpness_table(runs: pd.DataFrame) -> tuple[Table, pd.DataFrame]:
         c = {"setting": setting, "method": label, "trained": trained, "n": len(g), "measured_on": measured}
         for col, title in [*metrics, *((m, m) for m in msharp)]:
             vals = g[col] if col in g else pd.Series(dtype=float)
-            d[title] = _fmt(vals)
-            s = t_interval(vals.astype(float))
+            own = g[OWN_CI + col] if OWN_CI + col in g else None
+            d[title] = _fmt(vals, own)
+            s = _stats(vals, own)
             c[f"{col}_mean"], c[f"{col}_ci95"] = s.mean, s.ci95
         display.append(d)
         data.append(c)

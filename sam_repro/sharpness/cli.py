@@ -45,56 +45,90 @@ def _floats(text: str) -> list[float]:
     return [float(v) for v in text.split(",") if v.strip()]
 
 
+# Every option's help, beside the parser rather than inside it: text for people (the defaults each
+# one states are checked against the parser's by tests/test_sharpness_cli.py).
+DESCRIPTION = ("Measure the sharpness of trained sam-train run directories (Hessian spectrum, m-sharpness, "
+               "loss landscapes) and write sharpness.json into each.")
+HELP = {
+    "run_dirs": "run directories (config.yaml + checkpoint.pt)",
+    "--runs": "measure every run directory below this root instead (those without a checkpoint or not "
+              "finished are listed and skipped)",
+    "--missing-only": "skip runs that already have sharpness.json",
+    "--parts": "comma list of: hessian, msharpness, landscape (default hessian,msharpness,landscape)",
+    "--subset": "training examples measured (a seeded draw; default 512)",
+    "--seed": "seed of the subset, the probes and the directions (default 0)",
+    "--batch-size": "examples per forward (memory only, in BN eval mode; default 256)",
+    "--bn": "BatchNorm: running statistics (eval) or the statistics of each batch (train; nothing is "
+            "updated) (default eval)",
+    "--weight-decay": "the run's L2 term 0.5*wd*||w||^2 out of or in the measured loss (in adds wd to every "
+                      "decayed eigenvalue) (default out)",
+    "--dtype": "compute dtype (default fp32)",
+    "--data-root": "where the run's dataset is now (overrides dataset.root)",
+    "--threads": "torch CPU threads",
+    "--hvp": "Hessian-vector products: reverse (double backward, each batch's gradient graph kept across "
+             "products within --graph-memory; the faster on the CPU) or forward (jvp of grad, recomputed) "
+             "(default reverse)",
+    "--graph-memory": "GiB of gradient graphs --hvp reverse may keep (batches beyond it are recomputed per "
+                      f"product; default {DEFAULT_GRAPH_BUDGET / 2 ** 30:g})",
+    "--top-k": "top eigenvalues (default 5)",
+    "--lanczos-iters": "most Lanczos steps (default 40)",
+    "--lanczos-tol": "stop when every top-k Ritz residual is below this times lambda_max (default 0.001)",
+    "--trace-probes": "most Hutchinson probes (default 100)",
+    "--trace-tol": "stop when stderr <= this times |trace| (default 0.02)",
+    "--density": "also the spectral density (SLQ)",
+    "--density-probes": "SLQ probes (default 3)",
+    "--density-iters": "Lanczos steps per SLQ probe (default 40)",
+    "--m": "comma list of chunk sizes m, each dividing --subset (default 16,128)",
+    "--rho": "comma list of radii rho (default 0.05)",
+    "--ascent-steps": "1: SAM's one-step e; n > 1: n iterates of projected normalized ascent (steps of rho/2, "
+                      "the largest loss over them) (default 1)",
+    "--points": "points of the 1D slice (default 21)",
+    "--grid": "side of the 2D grid (0: no 2D slice; default 11)",
+    "--span": "alpha in [-span, span] (filter-normalized units; default 1)",
+    "--interpolate": "with exactly two RUN_DIRs: the linear path between them, written into both",
+    "--interp-points": "points of the interpolation (default 21)",
+    "--interp-range": "t from T_MIN to T_MAX (t=0: this run, t=1: the other; default -0.5 1.5)",
+}
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sam-sharpness", description="Measure the sharpness of trained sam-train "
-                                "run directories (Hessian spectrum, m-sharpness, loss landscapes) and write "
-                                "sharpness.json into each.")
-    p.add_argument("run_dirs", nargs="*", metavar="RUN_DIR", help="run directories (config.yaml + checkpoint.pt)")
-    p.add_argument("--runs", help="measure every run directory below this root instead (those without a "
-                   "checkpoint or not finished are listed and skipped)")
-    p.add_argument("--missing-only", action="store_true", help="skip runs that already have sharpness.json")
-    p.add_argument("--parts", default="hessian,msharpness,landscape",
-                   help="comma list of: " + ", ".join(PARTS) + " (default: all)")
+    p = argparse.ArgumentParser(prog="sam-sharpness", description=DESCRIPTION)
+    p.add_argument("run_dirs", nargs="*", metavar="RUN_DIR", help=HELP["run_dirs"])
+    p.add_argument("--runs", help=HELP["--runs"])
+    p.add_argument("--missing-only", action="store_true", help=HELP["--missing-only"])
+    p.add_argument("--parts", default=",".join(PARTS), help=HELP["--parts"])
     d = p.add_argument_group("data and objective")
-    d.add_argument("--subset", type=int, default=512, help="training examples measured (a seeded draw; default 512)")
-    d.add_argument("--seed", type=int, default=0, help="seed of the subset, the probes and the directions")
-    d.add_argument("--batch-size", type=int, default=256, help="examples per forward (memory only, in BN eval mode)")
-    d.add_argument("--bn", choices=BN_MODES, default="eval", help="BatchNorm: running statistics (eval, default) "
-                   "or the statistics of each batch (train; nothing is updated)")
-    d.add_argument("--weight-decay", choices=WEIGHT_DECAY, default="out", help="the run's L2 term "
-                   "0.5*wd*||w||^2 out of (default) or in the measured loss (adds wd to every decayed eigenvalue)")
-    d.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="compute dtype (default fp32)")
-    d.add_argument("--data-root", help="where the run's dataset is now (overrides dataset.root)")
-    d.add_argument("--threads", type=int, help="torch CPU threads")
+    d.add_argument("--subset", type=int, default=512, help=HELP["--subset"])
+    d.add_argument("--seed", type=int, default=0, help=HELP["--seed"])
+    d.add_argument("--batch-size", type=int, default=256, help=HELP["--batch-size"])
+    d.add_argument("--bn", choices=BN_MODES, default="eval", help=HELP["--bn"])
+    d.add_argument("--weight-decay", choices=WEIGHT_DECAY, default="out", help=HELP["--weight-decay"])
+    d.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help=HELP["--dtype"])
+    d.add_argument("--data-root", help=HELP["--data-root"])
+    d.add_argument("--threads", type=int, help=HELP["--threads"])
     h = p.add_argument_group("hessian")
-    h.add_argument("--hvp", choices=list(HVP_MODES), default=DEFAULT_HVP, help="Hessian-vector products: "
-                   "reverse (double backward, each batch's gradient graph kept across products within "
-                   "--graph-memory; default: the faster on the CPU) or forward (jvp of grad, recomputed)")
-    h.add_argument("--graph-memory", type=float, default=DEFAULT_GRAPH_BUDGET / 2 ** 30, help="GiB of gradient "
-                   "graphs --hvp reverse may keep (batches beyond it are recomputed per product; default "
-                   f"{DEFAULT_GRAPH_BUDGET / 2 ** 30:g})")
-    h.add_argument("--top-k", type=int, default=5, help="top eigenvalues (default 5)")
-    h.add_argument("--lanczos-iters", type=int, default=40, help="most Lanczos steps (default 40)")
-    h.add_argument("--lanczos-tol", type=float, default=1e-3, help="stop when every top-k Ritz residual is below "
-                   "this times lambda_max (default 1e-3)")
-    h.add_argument("--trace-probes", type=int, default=100, help="most Hutchinson probes (default 100)")
-    h.add_argument("--trace-tol", type=float, default=0.02, help="stop when stderr <= this times |trace| "
-                   "(default 0.02)")
-    h.add_argument("--density", action="store_true", help="also the spectral density (SLQ)")
-    h.add_argument("--density-probes", type=int, default=3)
-    h.add_argument("--density-iters", type=int, default=40)
+    h.add_argument("--hvp", choices=list(HVP_MODES), default=DEFAULT_HVP, help=HELP["--hvp"])
+    h.add_argument("--graph-memory", type=float, default=DEFAULT_GRAPH_BUDGET / 2 ** 30, help=HELP["--graph-memory"])
+    h.add_argument("--top-k", type=int, default=5, help=HELP["--top-k"])
+    h.add_argument("--lanczos-iters", type=int, default=40, help=HELP["--lanczos-iters"])
+    h.add_argument("--lanczos-tol", type=float, default=1e-3, help=HELP["--lanczos-tol"])
+    h.add_argument("--trace-probes", type=int, default=100, help=HELP["--trace-probes"])
+    h.add_argument("--trace-tol", type=float, default=0.02, help=HELP["--trace-tol"])
+    h.add_argument("--density", action="store_true", help=HELP["--density"])
+    h.add_argument("--density-probes", type=int, default=3, help=HELP["--density-probes"])
+    h.add_argument("--density-iters", type=int, default=40, help=HELP["--density-iters"])
     m = p.add_argument_group("m-sharpness")
-    m.add_argument("--m", type=_ints, default=[16, 128], help="comma list of chunk sizes m (each must divide --subset)")
-    m.add_argument("--rho", type=_floats, default=[0.05], help="comma list of radii rho")
-    m.add_argument("--ascent-steps", type=int, default=1, help="1: SAM's one-step e; n > 1: projected ascent")
+    m.add_argument("--m", type=_ints, default=[16, 128], help=HELP["--m"])
+    m.add_argument("--rho", type=_floats, default=[0.05], help=HELP["--rho"])
+    m.add_argument("--ascent-steps", type=int, default=1, help=HELP["--ascent-steps"])
     ls = p.add_argument_group("landscape")
-    ls.add_argument("--points", type=int, default=21, help="points of the 1D slice (default 21)")
-    ls.add_argument("--grid", type=int, default=11, help="side of the 2D grid (0: no 2D slice; default 11)")
-    ls.add_argument("--span", type=float, default=1.0, help="alpha in [-span, span] (filter-normalized units)")
-    ls.add_argument("--interpolate", action="store_true", help="with exactly two RUN_DIRs: the linear path "
-                    "between them, written into both")
-    ls.add_argument("--interp-points", type=int, default=21)
-    ls.add_argument("--interp-range", type=float, nargs=2, default=[-0.5, 1.5], metavar=("T_MIN", "T_MAX"))
+    ls.add_argument("--points", type=int, default=21, help=HELP["--points"])
+    ls.add_argument("--grid", type=int, default=11, help=HELP["--grid"])
+    ls.add_argument("--span", type=float, default=1.0, help=HELP["--span"])
+    ls.add_argument("--interpolate", action="store_true", help=HELP["--interpolate"])
+    ls.add_argument("--interp-points", type=int, default=21, help=HELP["--interp-points"])
+    ls.add_argument("--interp-range", type=float, nargs=2, default=[-0.5, 1.5], metavar=("T_MIN", "T_MAX"),
+                    help=HELP["--interp-range"])
     return p
 
 

@@ -69,7 +69,7 @@ def _group_sharpness(obj: Objective, xs: Tensor, ys: Tensor, rho: float, steps: 
         g = batched_grad(perturbed(e), xs, ys)
         e = tuple(ei + gi for ei, gi in zip(e, _scale(g, ASCENT_STEP * rho / (_chunk_norms(g) + 1e-12))))
         norm = _chunk_norms(e)
-        e = _scale(e, torch.clamp(rho / (norm + 1e-12), max=1.0))  # back onto the ball
+        e = _scale(e, torch.clamp(rho / (norm + 1e-12), max=1.0))  # projected: outside onto the surface, inside kept
         best = torch.maximum(best, batched_loss(perturbed(e), xs, ys))
     return (best - at_w).detach(), at_w.detach()
 

@@ -21,8 +21,9 @@ class TensorBoardTracker(Tracker):
 
         self.log_dir = self.run_dir / self.settings.dir
         # purge_step: TensorBoard itself discards any event at or after first_epoch left by a run
-        # killed between writing the event and recording it, so a resumed run shows each epoch once.
-        self.writer = SummaryWriter(log_dir=str(self.log_dir), purge_step=first_epoch if first_epoch > 1 else None)
+        # killed between writing the event and recording it, so a resumed run shows each epoch once
+        # (from epoch 1 on: a run killed after its first event, before trackers.json, resumes at 1).
+        self.writer = SummaryWriter(log_dir=str(self.log_dir), purge_step=first_epoch)
         self.last_epoch = first_epoch - 1
         return {"log_dir": str(self.log_dir)}
 
