@@ -189,6 +189,10 @@ def _method_ranges(o: DictConfig, need: Callable[[bool, str, Any, str], None],
     one_of("optim.looksam_projection", o.looksam_projection, LOOKSAM_PROJECTIONS)
     need(0 <= o.rwp_alpha <= 1, "optim.rwp_alpha", o.rwp_alpha, "must be in [0, 1]")
     need(o.rwp_gamma >= 0, "optim.rwp_gamma", o.rwp_gamma, "must be >= 0")
+    spec = METHODS[o.name].spec if o.name in METHODS else None
+    need(spec is None or not spec.needs.two_batches, "optim.name", o.name,
+         "needs two batches per step (clean and noisy), which sam-train does not feed yet: drive "
+         "sam_repro.optim.methods.RWP in your own loop (docs/methods.md#rwp), or choose another method")
     need(0 <= o.wsam_gamma < 1, "optim.wsam_gamma", o.wsam_gamma, "must be in [0, 1)")
     need(o.wsam_max_norm is None or o.wsam_max_norm > 0, "optim.wsam_max_norm", o.wsam_max_norm,
          "must be > 0, or null for no clipping")

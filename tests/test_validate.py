@@ -88,8 +88,13 @@ def test_each_bound_accepts_the_last_good_value_and_refuses_the_first_bad_one(ke
         assert len(got) == 1 and got[0].startswith(f"{key}="), got
 
 
+def test_rwp_is_refused_by_sam_train_in_one_line_until_the_engine_feeds_two_batches() -> None:
+    (line,) = problems("optim=rwp")
+    assert line.startswith("optim.name='rwp' is invalid: needs two batches per step") and "RWP in your own loop" in line
+
+
 @pytest.mark.parametrize("method", ["gsam", "esam", "fsam", "vasso", "samon", "asam_on", "interval_sam", "looksam",
-                                    "rwp", "wsam"])
+                                    "wsam"])
 def test_the_sam_family_is_defined_for_p_2_only(method: str) -> None:
     assert problems(f"optim={method}") == []
     got = problems(f"optim={method}", "optim.p=inf")
