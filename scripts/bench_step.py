@@ -230,6 +230,46 @@ def bench_per_device(spec: dict, device: torch.device, warmup: int, steps: int, 
     }
 
 
+# SAM's follow-ups against SGD and SAM, each the engine's whole step on one model and batch (issue 20's
+# targets: two-pass methods <= 1.05x SAM; ESAM beta 0.5 gamma 0.5 <= 1.55x SGD; interval 3 <= 1.40x SGD;
+# LookSAM k 5 <= 1.30x SGD). Rows name the method's own forward/backward count per step.
+METHOD_ROWS = [("gsam", {}), ("esam", {"esam_beta": 0.5, "esam_gamma": 0.5}), ("fsam", {}), ("vasso", {}),
+               ("samon", {}), ("asam_on", {}), ("interval_sam", {"sam_interval": 3}), ("looksam", {"looksam_k": 5}),
+               ("wsam", {})]
+
+
+def bench_methods(spec: dict, device: torch.device, warmup: int, steps: int, rounds: int) -> dict:
+    """Every method's engine step (TrainStep) beside SGD's and SAM's, interleaved in rounds. Steps that
+    alternate (interval SAM, LookSAM) are timed over whole cycles: steps is rounded up to a multiple of
+    the cycle, so each variant's mean step is what a run pays."""
+    from sam_repro.optim.methods import METHOD_SPECS
+
+    torch.manual_seed(0)
+    model = create_model(spec["model"], num_classes=10).to(device)
+    model.train()
+    x = torch.randn(spec["batch"], 3, 32, 32, device=device)
+    y = torch.randint(0, 10, (spec["batch"],), device=device)
+    variants: dict[str, Callable[[], None]] = {}
+    passes = {}
+    for name, extra in [("sgd", {}), ("sam", {}), *METHOD_ROWS]:
+        ocfg = OptimConfig(name=name, lr=0.1, weight_decay=5e-4, **extra)
+        base, method = build_optimizer(model, ocfg)
+        step = TrainStep(model, base, method, StepConfig.of(ocfg, device_batch=spec.get("device_batch")))
+        variants[name] = (lambda s: lambda: s(x, y))(step)
+        passes[name] = method.rule.passes_per_step() if name in METHOD_SPECS else ((1.0, 1.0) if name == "sgd" else (2.0, 2.0))
+    cycle = 15  # a multiple of interval 3 and LookSAM's 5
+    steps = -(-steps // cycle) * cycle
+    ms, _ = time_variants(variants, device, warmup, steps, rounds)
+    return {
+        **spec, "kind": "methods", "device": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+        "torch": torch.__version__, "ms": {k: round(v, 3) for k, v in ms.items()},
+        "over_sgd": {k: round(v / ms["sgd"], 3) for k, v in ms.items()},
+        "over_sam": {k: round(v / ms["sam"], 3) for k, v in ms.items()},
+        "passes_per_step": {k: list(v) for k, v in passes.items()},
+        "timing": f"median of {rounds} rounds x {steps} steps after {warmup} warm-up steps",
+    }
+
+
 def emit(result: dict, out: Path | None, filename: str) -> None:
     """Print one JSON line; with --out, also append it to OUT/filename."""
     line = json.dumps(result)
@@ -261,6 +301,7 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--out", type=Path, help="also append the JSON lines to OUT/bench_step.jsonl")
     parser.add_argument("--per-device", action="store_true", help="only the per-device step rows (issue 8)")
+    parser.add_argument("--methods", action="store_true", help="only the SAM-family rows: each method against SGD and SAM")
     parser.add_argument("--no-per-device", action="store_true", help="skip the per-device step rows")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -274,6 +315,10 @@ def main() -> int:
     steps = args.steps or (20 if cuda else 3)
     rounds = args.rounds or (7 if cuda else 3)
     sha = git_sha()
+    if args.methods:
+        spec = dict(model=args.model or "resnet20", batch=args.batch, precision="fp32", channels_last=False)
+        emit({**bench_methods(spec, device, warmup, steps, rounds), "git_sha": sha}, args.out, "bench_step.jsonl")
+        return 0
     if not args.per_device:
         for spec in suite:
             emit({**bench(spec, device, warmup, steps, rounds), "git_sha": sha}, args.out, "bench_step.jsonl")

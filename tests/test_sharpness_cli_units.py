@@ -296,7 +296,7 @@ def test_discover_lists_what_cannot_be_measured_and_why(tmp_path: Path, capsys) 
     assert C._discover(tmp_path, missing_only=False) == [done, good]
     out = capsys.readouterr().out
     assert f"  skipped {tmp_path / 'c'}: {tmp_path / 'c'} is still running" in out
-    assert f"  skipped {tmp_path / 'd'}: no checkpoint.pt" in out
+    assert f"  skipped {tmp_path / 'd'}: {tmp_path / 'd'} has no checkpoint.pt (committed runs keep only" in out
     assert C._discover(tmp_path, missing_only=True) == [good]
 
 

@@ -1,5 +1,5 @@
 """Reading a run directory back for measurement (sam_repro/sharpness/rundir.py): every problem a
-user can cause is one RunDirError line; a good directory gives the run's own model with its trained
+user can cause is one UserError line (RunDirError, CheckpointError); a good directory gives the run's own model with its trained
 weights and the run's own data; the measured subset is a seeded draw normalized as at evaluation."""
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import torch
 import yaml
 
 from sam_repro.data import normalize_coeffs
-from sam_repro.sharpness.rundir import RunDirError, load_run, read_config, read_summary, train_subset
+from sam_repro.errors import UserError
+from sam_repro.sharpness.rundir import finished_summary, load_run, read_config, train_subset
 from tests.sharpness_helpers import make_run_dir
 
 
@@ -21,26 +22,27 @@ def good(tmp_path_factory) -> Path:
 
 
 def error_of(fn, *args) -> str:
-    with pytest.raises(RunDirError) as e:
+    with pytest.raises(UserError) as e:
         fn(*args)
     assert "\n" not in str(e.value)
     return str(e.value)
 
 
-def test_read_summary_refuses_what_is_not_a_finished_run(tmp_path: Path) -> None:
-    assert error_of(read_summary, tmp_path) == f"{tmp_path} is not a run directory (no metrics.json)"
+def test_finished_summary_refuses_what_is_not_a_finished_run(tmp_path: Path) -> None:
+    missing = f"{tmp_path} is not a run directory (no readable metrics.json)"
+    assert error_of(finished_summary, tmp_path) == missing
     f = tmp_path / "metrics.json"
-    f.write_text("{not json")
-    assert error_of(read_summary, tmp_path) == f"{f} is unreadable (JSONDecodeError)"
-    f.write_bytes(b"\xff\xfe")
-    assert error_of(read_summary, tmp_path) == f"{f} is unreadable (UnicodeDecodeError)"
-    f.write_text("[1]")
-    assert error_of(read_summary, tmp_path) == f"{f} is not a JSON object"
+    for unreadable in (b"{not json", b"\xff\xfe", b"[1]"):  # not JSON, not text, not an object
+        f.write_bytes(unreadable)
+        assert error_of(finished_summary, tmp_path) == missing
     f.write_text(json.dumps({"status": "running", "epochs_done": 4}))
-    assert error_of(read_summary, tmp_path).startswith(f"{tmp_path} is still running (metrics.json status running, 4 epochs")
+    assert error_of(finished_summary, tmp_path).startswith(f"{tmp_path} is still running (metrics.json status running, 4 epochs")
+    f.write_text(json.dumps({"status": "interrupted", "epochs_done": 3}))
+    assert error_of(finished_summary, tmp_path) == (f"{tmp_path} was interrupted after 3 epochs (metrics.json status "
+                                                    f"interrupted): re-run its command to finish it, then measure it")
     for status in ("completed", "diverged", "failed"):
         f.write_text(json.dumps({"status": status}))
-        assert read_summary(tmp_path) == {"status": status}
+        assert finished_summary(tmp_path) == {"status": status}
 
 
 def test_read_config_merges_the_schema_and_never_reads_pretrained_weights(good: Path, tmp_path: Path) -> None:
@@ -75,7 +77,7 @@ def test_load_run_gives_the_trained_weights_and_the_runs_data(good: Path) -> Non
 @pytest.mark.parametrize("breakage, message", [
     ("not a directory", "is not a directory"),
     ("no checkpoint", "has no checkpoint.pt (committed runs keep only their logs: measure a run before its checkpoint"),
-    ("corrupt checkpoint", "checkpoint.pt is unreadable ("),
+    ("corrupt checkpoint", "checkpoint.pt is damaged (UnpicklingError"),
     ("other data", "was trained on other data (fingerprint sha256:other, found sha256:"),
     ("other architecture", "checkpoint.pt holds another architecture than model=resnet20 ("),
     ("no model state", "checkpoint.pt holds another architecture than model=resnet20 ("),
