@@ -16,19 +16,19 @@ REPO = Path(__file__).resolve().parents[1]
 
 # (name, file, original text, mutated text, the test file that must kill it)
 MUTANTS = [
-    ("cosine step+1", "sam_repro/engine/schedule.py", "progress = (step - warmup)", "progress = (step + 1 - warmup)", "tests/test_schedule.py"),
-    ("warmup from 0", "sam_repro/engine/schedule.py", "min(1.0, (step + 1) / warmup)", "min(1.0, step / warmup)", "tests/test_schedule.py"),
-    ("bisect_left", "sam_repro/engine/schedule.py", "bisect.bisect_right", "bisect.bisect_left", "tests/test_schedule.py"),
-    ("noise +1", "sam_repro/data/noise.py", "[: round(rate * n)]", "[: round(rate * n) + 1]", "tests/test_label_noise.py"),
-    ("noise no last class", "sam_repro/data/noise.py", "torch.randint(num_classes, (len(chosen),)", "torch.randint(num_classes - 1, (len(chosen),)", "tests/test_label_noise.py"),
-    ("val_fraction ignored", "sam_repro/report/tables.py", "if not _same(val, exp.val_fraction):", "if False:", "tests/test_report_cells.py"),
-    ("nan counted", "sam_repro/report/load.py", "    if not _finite(final.get(\"test_err\")):", "    if final.get(\"test_err\") is None:", "tests/test_report_cells.py"),
+    ("cosine step+1", "sam_repro/engine/schedule.py", "progress = (step - warmup)", "progress = (step + 1 - warmup)", "tests/engine/test_schedule.py"),
+    ("warmup from 0", "sam_repro/engine/schedule.py", "min(1.0, (step + 1) / warmup)", "min(1.0, step / warmup)", "tests/engine/test_schedule.py"),
+    ("bisect_left", "sam_repro/engine/schedule.py", "bisect.bisect_right", "bisect.bisect_left", "tests/engine/test_schedule.py"),
+    ("noise +1", "sam_repro/data/noise.py", "[: round(rate * n)]", "[: round(rate * n) + 1]", "tests/data/test_label_noise.py"),
+    ("noise no last class", "sam_repro/data/noise.py", "torch.randint(num_classes, (len(chosen),)", "torch.randint(num_classes - 1, (len(chosen),)", "tests/data/test_label_noise.py"),
+    ("val_fraction ignored", "sam_repro/report/tables.py", "if not _same(val, exp.val_fraction):", "if False:", "tests/report/test_report_cells.py"),
+    ("nan counted", "sam_repro/report/load.py", "    if not _finite(final.get(\"test_err\")):", "    if final.get(\"test_err\") is None:", "tests/report/test_report_cells.py"),
     ("grad_clip 0", "sam_repro/validate.py", "o.grad_clip is None or o.grad_clip > 0", "not o.grad_clip or o.grad_clip > 0", "tests/test_validate.py"),
     ("momentum 1", "sam_repro/validate.py", "0 <= o.momentum < 1", "0 <= o.momentum <= 1", "tests/test_validate.py"),
     ("epochs_done rows", "sam_repro/runlog.py", 'epochs_done=history[-1]["epoch"]', "epochs_done=len(history)", "tests/test_runlog.py"),
-    ("non-atomic ckpt", "sam_repro/rundir.py", '    tmp = _write_temporary(current, lambda f: torch.save(state, f), "wb")', '    torch.save(state, current)\n    return', "tests/test_checkpoint.py"),
-    ("non-atomic write", "sam_repro/rundir.py", 'fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")', 'fd, tmp = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), str(path)', "tests/test_checkpoint.py"),
-    ("crop [0,2p)", "sam_repro/data/augment.py", "dy = randint(2 * p + 1,", "dy = randint(2 * p,", "tests/test_augment_draws.py"),
+    ("non-atomic ckpt", "sam_repro/rundir.py", '    tmp = _write_temporary(current, lambda f: torch.save(state, f), "wb")', '    torch.save(state, current)\n    return', "tests/engine/test_checkpoint.py"),
+    ("non-atomic write", "sam_repro/rundir.py", 'fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")', 'fd, tmp = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), str(path)', "tests/engine/test_checkpoint.py"),
+    ("crop [0,2p)", "sam_repro/data/augment.py", "dy = randint(2 * p + 1,", "dy = randint(2 * p,", "tests/data/test_augment_draws.py"),
 ]
 
 

@@ -46,7 +46,7 @@ REFERENCE_TOL = 1e-6  # the reference lambda_max: Lanczos residual below 1e-6 x 
 
 
 class SmallCNN(nn.Module):
-    """A small CNN (about 1.2k parameters); tests/test_sharpness_pyhessian.py uses it too."""
+    """A small CNN (about 1.2k parameters); tests/sharpness/test_sharpness_pyhessian.py uses it too."""
 
     def __init__(self) -> None:
         super().__init__()

@@ -65,7 +65,7 @@ def composed():
 
 # The run that interrupted runs are compared with: 3 epochs of 4 steps, deterministic, with label
 # noise (a resumed run must redraw the same noisy labels). tests/test_cli.py kills it after epoch 2,
-# tests/test_cluster.py preempts it after epoch 1; both must end with this run's rows and weights.
+# tests/engine/test_cluster.py preempts it after epoch 1; both must end with this run's rows and weights.
 RESUMABLE = ["experiment=smoke", "dataset.train_size=256", "dataset.test_size=128", "batch_size=64", "epochs=3",
              "engine.deterministic=true", "dataset.label_noise=0.2", "engine.progress=false"]
 TIMING_KEYS = {"epoch_s", "images_per_s"}

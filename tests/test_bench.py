@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 from sam_repro.optim import SAM
-from tests.test_sam import batches, loss_of, make_net
+from tests.optim.test_sam import batches, loss_of, make_net
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
 from bench_step import LoopSAM  # noqa: E402

@@ -182,10 +182,10 @@ def test_the_gpu_tests_check_selects_every_test_that_skips_itself_without_cuda()
                 name = next(m.group(1) for m in (re.match(r"def (test_\w+)", rest) for rest in lines[i + 1:]) if m)
                 expected.add(f"tests/{path.name}::{name}")
     assert set(gw.gpu_only_tests()) == expected
-    assert {"tests/test_sam.py::test_no_host_synchronization_on_cuda",
-            "tests/test_sam_norms.py::test_keeping_the_norms_adds_no_host_synchronization",
-            "tests/test_loaders.py::test_cuda_loader_never_synchronizes_inside_an_epoch",
-            "tests/test_stochastic.py::test_replay_on_cuda"} <= expected
+    assert {"tests/optim/test_sam.py::test_no_host_synchronization_on_cuda",
+            "tests/optim/test_sam_norms.py::test_keeping_the_norms_adds_no_host_synchronization",
+            "tests/data/test_loaders.py::test_cuda_loader_never_synchronizes_inside_an_epoch",
+            "tests/models/test_stochastic.py::test_replay_on_cuda"} <= expected
 
 
 def test_runs_are_named_after_the_gpu_and_labelled_as_budget_rows() -> None:
@@ -263,7 +263,7 @@ def test_dry_run_checks_benchmarks_and_table4_as_two_packs_in_at_most_eight_file
     """Every phase on the CPU with tiny settings: a training check (a sweep of two packs), the
     packed-step benchmark, then Table 4's 4 noise rates x {SAM, SGD} on a tiny image folder (the JPEG
     copy's layout) as two packs of 4, one training step per run, archived without checkpoints."""
-    from tests.test_data_sources import make_folder
+    from tests.data.test_data_sources import make_folder
 
     make_folder(tmp_path / "cifar10-jpeg", n_train=64, n_test=20)
     out, scratch = tmp_path / "out", tmp_path / "tmp"

@@ -6,8 +6,6 @@ test itself or by a child process that says so on its stdout before it is killed
 """
 from __future__ import annotations
 
-import errno
-import io
 import os
 import signal
 import socket
@@ -23,6 +21,7 @@ from sam_repro import rundir
 from sam_repro.errors import UserError
 from sam_repro.rundir import (CHECKPOINT, PREVIOUS_CHECKPOINT, CheckpointError, DiskFull, RunDirBusy, RunDirLock,
                               load_checkpoint, save_checkpoint, write_json)
+from tests.helpers import fill_disk
 
 
 def state(epoch: int) -> dict:
@@ -72,39 +71,6 @@ def test_no_readable_checkpoint_is_one_line_naming_the_file_and_what_to_do(tmp_p
     assert isinstance(err.value, UserError) and "\n" not in message
     assert f"{tmp_path}: {CHECKPOINT} is damaged" in message and "resume=never" in message
     assert (f"{PREVIOUS_CHECKPOINT} is damaged" in message) == (previous == "damaged")
-
-
-class FullDisk(io.RawIOBase):
-    """A file on a disk with `room` bytes left: a write past them raises ENOSPC, as the kernel's would."""
-
-    def __init__(self, real: io.BufferedWriter, room: int) -> None:
-        self.real, self.room = real, room
-
-    def writable(self) -> bool:
-        return True
-
-    def write(self, data) -> int:
-        if len(data) > self.room:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        self.room -= len(data)
-        return self.real.write(data)
-
-    def flush(self) -> None:
-        self.real.flush()
-
-    def fileno(self) -> int:
-        return self.real.fileno()
-
-    def close(self) -> None:
-        self.real.close()
-        super().close()
-
-
-def fill_disk(monkeypatch: pytest.MonkeyPatch, room: int) -> None:
-    """Every file sam_repro.rundir writes from now on has `room` bytes left."""
-    real_fdopen = os.fdopen
-    monkeypatch.setattr(rundir.os, "fdopen", lambda fd, mode="r", *a, **k: FullDisk(real_fdopen(fd, "wb"), room)
-                        if "w" in mode else real_fdopen(fd, mode, *a, **k))
 
 
 @pytest.mark.parametrize("what", ["checkpoint", "json"])

@@ -16,7 +16,7 @@ from sam_repro.data import DATASETS
 from sam_repro.models import list_models
 from sam_repro.models.finetune import BOTH_WAYS
 from sam_repro.validate import ConfigError, validate
-from tests.conftest import compose_config, composed_copy, composed_shared
+from tests.conftest import compose_config, composed_shared
 
 # (key, values that must fail, values that must pass); the base is the smoke preset (synthetic data).
 BOUNDS = [

@@ -4,7 +4,7 @@ Each image draws one of the policy's 25 sub-policies; each of the sub-policy's t
 its probability, signed ops take a random sign, and the ops run in order on uint8 pixels. The ops,
 magnitudes and policies are torchvision's (`AutoAugmentPolicy.CIFAR10` / `SVHN`, 10 magnitude bins,
 nearest interpolation, fill 0), so every op matches `torchvision.transforms.autoaugment._apply_op`
-pixel for pixel (tests/test_augment.py checks each op at each magnitude and sign).
+pixel for pixel (tests/data/test_augment.py checks each op at each magnitude and sign).
 
 How it is batched: all draws of an epoch are made at once (one device generator), copied to the host
 once, and sorted there into groups (step, slot, kernel). Per batch each non-empty group is one

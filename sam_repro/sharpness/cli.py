@@ -46,7 +46,7 @@ def _floats(text: str) -> list[float]:
 
 
 # Every option's help, beside the parser rather than inside it: text for people (the defaults each
-# one states are checked against the parser's by tests/test_sharpness_cli.py).
+# one states are checked against the parser's by tests/sharpness/test_sharpness_cli.py).
 DESCRIPTION = ("Measure the sharpness of trained sam-train run directories (Hessian spectrum, m-sharpness, "
                "loss landscapes) and write sharpness.json into each.")
 HELP = {
