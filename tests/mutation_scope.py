@@ -52,6 +52,7 @@ SCOPE: dict[str, tuple[str, ...]] = {
     "sam_repro.report.plots": ("tests/report/test_report_plots.py", "tests/report/test_report_plot_content.py"),
     "sam_repro.report.sharpness": ("tests/report/test_report_sharpness.py", "tests/report/test_report_landscape.py"),
     "sam_repro.report.landscape": ("tests/report/test_report_landscape.py",),
+    "sam_repro.report.methods": ("tests/report/test_report_methods.py",),
     "sam_repro.report.budget": ("tests/report/test_report_budget.py", "tests/report/test_report_load.py"),
     "sam_repro.validate": ("tests/test_validate.py", "tests/test_configs.py"),
     "sam_repro.runlog": ("tests/test_runlog.py",),

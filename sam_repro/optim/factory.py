@@ -171,3 +171,14 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> tuple[torch.optim.Opt
         return wrapped.base_optimizer, wrapped
     sam = SAM(groups, base_cls, rho=cfg.rho, p=cfg.p, adaptive=method.adaptive, eta=cfg.eta, eps=cfg.eps, **kwargs)
     return sam.base_optimizer, sam
+
+
+def passes_per_step(cfg: OptimConfig) -> tuple[float, float]:
+    """(forwards, backwards) per training step of `optim=cfg.name` on average: SGD 1 / 1, SAM 2 / 2, a
+    SAM-family method what its rule counts for these hyperparameters (interval SAM's cycle, ESAM's extra
+    no-grad forward). The method is built over a one-conv, one-BatchNorm stand-in: its rule's count
+    depends on the hyperparameters only."""
+    if not METHODS[cfg.name].uses_sam:
+        return 1.0, 1.0
+    _, method = build_optimizer(nn.Sequential(nn.Conv2d(1, 1, 1), nn.BatchNorm2d(1)), cfg)
+    return method.rule.passes_per_step() if isinstance(method, MethodOptimizer) else (2.0, 2.0)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from sam_repro.report import landscape, plots, tables
+from sam_repro.report import landscape, methods, plots, tables
 from sam_repro.report.load import Loaded, load_runs
 
 PAPER_TABLES = (1, 2, 3, 4, 5)
@@ -29,6 +29,7 @@ class Report:
     loaded: Loaded
     tables: list[tables.Table]
     budget: tables.Table
+    methods: tables.Table  # SGD, SAM and the SAM-family methods per setting (report/methods.py)
     plots: dict[str, plots.Plot]
     files: list[Path] = field(default_factory=list)
     sharpness: tables.Table | None = None  # from the runs' sharpness.json (sam-sharpness)
@@ -48,8 +49,9 @@ def generate(runs_dir: str | Path, out_dir: str | Path) -> Report:
     matches = tables.match_runs(loaded.runs, cells)
     paper_tables = [tables.paper_table(n, loaded.runs, cells, matches) for n in PAPER_TABLES]
     budget = tables.budget_table(loaded.runs, cells, matches)
+    methods_table = methods.methods_table(loaded.runs)
     files: list[Path] = []
-    for t in [*paper_tables, budget]:
+    for t in [*paper_tables, budget, methods_table]:
         files += tables.write_table(t, out)
     for pattern in GENERATED_PLOT_GLOBS:
         for stale in out.glob(pattern):
@@ -61,7 +63,7 @@ def generate(runs_dir: str | Path, out_dir: str | Path) -> Report:
     }
     sharp_table, drawn["loss landscape"] = landscape.generate(loaded.runs, out)
     files += tables.write_table(sharp_table, out)
-    report = Report(loaded, paper_tables, budget, drawn, sharpness=sharp_table)
+    report = Report(loaded, paper_tables, budget, methods_table, drawn, sharpness=sharp_table)
     in_cells = {k for k, m in matches.items() if m.cells}
     readme = out / "README.md"
     readme.write_text(_readme(report, loaded.runs[loaded.runs["setting_key"].isin(in_cells)]),
@@ -117,6 +119,7 @@ def _readme(report: Report, paper_runs: pd.DataFrame) -> str:
         "## Files",
         "\n".join([*(f"- [{t.title}]({t.name}.md) ([csv]({t.name}.csv))" for t in report.tables),
                    f"- [{report.budget.title}](budget.md) ([csv](budget.csv))",
+                   f"- [{report.methods.title}](methods.md) ([csv](methods.csv))",
                    *([f"- [{report.sharpness.title}](sharpness.md) ([csv](sharpness.csv))"] if report.sharpness else []),
                    *(f"- {kind}: [{f.name}]({f.name})" for kind, p in report.plots.items() for f in p.files)]),
         "## Skipped / not final",
