@@ -259,4 +259,5 @@ def test_no_method_runs_gives_an_empty_table(tmp_path: Path) -> None:
     write_method_run(tmp_path, "sgd", "sgd", 0, 3.0, 1000.0, H100, {})
     t = methods_table(load_runs(tmp_path).runs)
     assert t.sections == [] and t.data.empty and "_(none)_" in to_markdown(t)
+    assert "optim=sgd,sam,gsam" in t.notes[0]
     assert methods_table(load_runs(tmp_path / "absent").runs).data.empty

@@ -218,6 +218,9 @@ def methods_table(runs: pd.DataFrame) -> Table:
         "counted (interval SAM and LookSAM perturb every k-th step: 1 + 1/k), from each run's "
         "config.yaml; n/a where config.yaml is unreadable and the count depends on it.",
     ]
+    if not sections:  # say how to get one, as the paper tables print the commands for empty cells
+        notes.insert(0, "No setting has a SAM-family run yet: e.g. `sam-train -m experiment=t1_cifar10_wrn28_10_200ep "
+                        "optim=sgd,sam,gsam,looksam seed=0,1,2` fills one.")
     frame = pd.DataFrame(data, columns=COLUMNS)
     frame["n"] = frame["n"].astype("Int64")
     return Table("methods", "SAM-family methods side by side, per setting", pd.DataFrame(index), frame,
