@@ -28,7 +28,8 @@ import pytest
 # module (dotted; the longest matching prefix wins) -> the test files that may kill its mutants
 SCOPE: dict[str, tuple[str, ...]] = {
     "sam_repro.optim.sam": ("tests/test_sam.py", "tests/test_sam_grouped.py", "tests/test_sam_norms.py"),
-    "sam_repro.optim.factory": ("tests/test_optim_factory.py", "tests/test_sam_grouped.py", "tests/test_step.py"),
+    "sam_repro.optim.factory": ("tests/test_optim_factory.py", "tests/test_sam_grouped.py", "tests/test_step.py",
+                                "tests/test_report_methods.py"),  # passes_per_step: the report's column
     "sam_repro.engine.step": ("tests/test_step.py", "tests/test_per_device.py", "tests/test_sam_norms.py",
                               "tests/test_step_layouts.py", "tests/test_step_grad_reduce.py"),
     "sam_repro.engine.passes": ("tests/test_step.py", "tests/test_per_device.py", "tests/test_sam_norms.py",

@@ -189,10 +189,15 @@ def test_passes_come_from_the_optimizer_registry() -> None:
     from sam_repro.config import OptimConfig
     from sam_repro.optim.factory import METHODS
 
-    assert METHODS["sgd"].passes_per_step(OptimConfig(name="sgd")) == (1.0, 1.0)
-    assert METHODS["asam"].passes_per_step(OptimConfig(name="asam")) == (2.0, 2.0)
-    assert METHODS["looksam"].passes_per_step(OptimConfig(name="looksam", looksam_k=4)) == (1.25, 1.25)
-    assert METHODS["esam"].passes_per_step(OptimConfig(name="esam")) == (3.0, 2.0)
+    # docs/methods.md's table: every optim name, the alternating ones at two hyperparameters each
+    stated = {"sgd": (1, 1), "sam": (2, 2), "asam": (2, 2), "gsam": (2, 2), "esam": (3, 2), "fsam": (2, 2),
+              "vasso": (2, 2), "samon": (2, 2), "asam_on": (2, 2), "rwp": (2, 2), "wsam": (2, 2)}
+    assert set(stated) | {"interval_sam", "looksam"} == set(METHODS)
+    for name, passes in stated.items():
+        assert METHODS[name].passes_per_step(OptimConfig(name=name)) == passes, name
+    for k in (4, 10):
+        assert METHODS["interval_sam"].passes_per_step(OptimConfig(name="interval_sam", sam_interval=k)) == (1 + 1 / k,) * 2
+        assert METHODS["looksam"].passes_per_step(OptimConfig(name="looksam", looksam_k=k)) == (1 + 1 / k,) * 2
 
 
 def test_method_runs_never_fill_the_papers_sam_or_sgd_cells(loaded) -> None:

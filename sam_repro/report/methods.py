@@ -157,6 +157,34 @@ def _timing(row: Row, sgd: pd.DataFrame) -> tuple[float, str, float, str]:
     return mean, "", mean / (sum(same) / len(same)), ""
 
 
+def _steps_per_epoch(runs: pd.DataFrame) -> float:
+    """The row's steps per epoch (NaN unless every run logged the same: its data size and batch)."""
+    per_epoch = runs["trained.steps_per_epoch"]
+    return float(per_epoch.iloc[0]) if per_epoch.notna().all() and per_epoch.nunique() == 1 else math.nan
+
+
+def _cells(row: Row, sgd: pd.DataFrame, in_steps: bool) -> tuple[dict[str, str], dict[str, Any]]:
+    """One row of a setting's section: (markdown cells, CSV numbers). `in_steps`: the schedule is
+    counted in steps, so the time is shown per step (ms), else per epoch (s)."""
+    s = t_interval(row.runs["final.test_err"].astype(float))
+    step_s, why, ratio, why_ratio = _timing(row, sgd)
+    epoch_s = step_s * _steps_per_epoch(row.runs)
+    shown_time = step_s * 1000 if in_steps else epoch_s
+    rho = row.runs["rho"].iloc[0]
+    devices = ", ".join(sorted({_device(r) for _, r in row.runs.iterrows()}))
+    shown = {"method": row.label, "optim": row.optimizer, "rho": DASH if pd.isna(rho) else f"{rho:g}",
+             "seeds": str(s.n), "test error (%)": fmt_ours(s),
+             "train time per step (ms)" if in_steps else "train time per epoch (s)":
+                 why or (NA if math.isnan(shown_time) else f"{shown_time:.{1 if in_steps else 2}f}"),
+             "time vs SGD": why_ratio or f"{ratio:.2f}x",
+             "passes per step (fwd / bwd)": fmt_passes(row.passes), "ran on": devices}
+    numbers = {"optimizer": row.optimizer, "method": row.label, "rho": None if pd.isna(rho) else float(rho),
+               "n": s.n, "mean": s.mean, "ci95": s.ci95, "time_per_step_s": step_s, "time_per_epoch_s": epoch_s,
+               "time_vs_sgd": ratio, "forwards": row.passes[0] if row.passes else math.nan,
+               "backwards": row.passes[1] if row.passes else math.nan, "devices": devices}
+    return shown, numbers
+
+
 def methods_table(runs: pd.DataFrame) -> Table:
     """Per setting with a SAM-family run: each optimizer's test error (mean ± 95% CI over seeds),
     seeds, training time per epoch or per step, time relative to SGD on the same device, passes."""
@@ -176,32 +204,11 @@ def methods_table(runs: pd.DataFrame) -> Table:
                  "batch_size": setting.get("batch_size"), "data.source": setting.get("data.source")}
         index.append({**{k: DASH if v is None else str(v) for k, v in place.items()},
                       "optimizers": ", ".join(r.label for r in rows)})
-        time_col = "train time per step (ms)" if in_steps else "train time per epoch (s)"
-        shown = []
-        for row in rows:
-            s = t_interval(row.runs["final.test_err"].astype(float))
-            step_s, why, ratio, why_ratio = _timing(row, sgd)
-            per_epoch = row.runs["trained.steps_per_epoch"].iloc[0] if "trained.steps_per_epoch" in row.runs else None
-            per_epoch = float(per_epoch) if pd.notna(per_epoch) and row.runs["trained.steps_per_epoch"].nunique() == 1 \
-                else math.nan
-            epoch_s = step_s * per_epoch
-            shown_time = step_s * 1000 if in_steps else epoch_s
-            rho = row.runs["rho"].iloc[0]
-            shown.append({"method": row.label, "optim": row.optimizer, "rho": DASH if pd.isna(rho) else f"{rho:g}",
-                          "seeds": str(s.n), "test error (%)": fmt_ours(s),
-                          time_col: why or (NA if math.isnan(shown_time) else f"{shown_time:.{1 if in_steps else 2}f}"),
-                          "time vs SGD": why_ratio or f"{ratio:.2f}x",
-                          "passes per step (fwd / bwd)": fmt_passes(row.passes),
-                          "ran on": ", ".join(sorted({_device(r) for _, r in row.runs.iterrows()}))})
-            data.append({**place, "optimizer": row.optimizer, "method": row.label,
-                         "rho": None if pd.isna(rho) else float(rho), "n": s.n, "mean": s.mean, "ci95": s.ci95,
-                         "time_per_step_s": step_s, "time_per_epoch_s": epoch_s, "time_vs_sgd": ratio,
-                         "forwards": row.passes[0] if row.passes else math.nan,
-                         "backwards": row.passes[1] if row.passes else math.nan,
-                         "devices": shown[-1]["ran on"]})
+        cells = [_cells(row, sgd, in_steps) for row in rows]
+        data += [{**place, **numbers} for _, numbers in cells]
         heading = (f"{stems[key]}: {setting.get('dataset')} {setting.get('model')} {setting.get('augment')}, "
                    f"{label}, batch {setting.get('batch_size')}, data {setting.get('data.source')}")
-        sections.append((heading, pd.DataFrame(shown)))
+        sections.append((heading, pd.DataFrame([shown for shown, _ in cells])))
     notes = [
         "One section per setting with at least one SAM-family run (docs/methods.md); a setting is "
         "everything a run logs but its optimizer fields (the data, model, augmentation, training done, "
