@@ -33,7 +33,7 @@ from sam_repro.engine.step import StepConfig, TrainStep  # noqa: E402
 from sam_repro.models import create_model  # noqa: E402
 from sam_repro.optim import SAM  # noqa: E402
 from sam_repro.runlog import cpu_name  # noqa: E402
-from sam_repro.optim.factory import build_optimizer, passes_per_step  # noqa: E402
+from sam_repro.optim.factory import METHODS, build_optimizer  # noqa: E402
 
 # The GPU suite of issue 2: the configurations whose targets it names.
 GPU_SUITE = [
@@ -242,7 +242,6 @@ def bench_methods(spec: dict, device: torch.device, warmup: int, steps: int, rou
     """Every method's engine step (TrainStep) beside SGD's and SAM's, interleaved in rounds. Steps that
     alternate (interval SAM, LookSAM) are timed over whole cycles: steps is rounded up to a multiple of
     the cycle, so each variant's mean step is what a run pays."""
-
     torch.manual_seed(0)
     model = create_model(spec["model"], num_classes=10).to(device)
     model.train()
@@ -255,7 +254,7 @@ def bench_methods(spec: dict, device: torch.device, warmup: int, steps: int, rou
         base, method = build_optimizer(model, ocfg)
         step = TrainStep(model, base, method, StepConfig.of(ocfg, device_batch=spec.get("device_batch")))
         variants[name] = (lambda s: lambda: s(x, y))(step)
-        passes[name] = passes_per_step(ocfg)
+        passes[name] = METHODS[name].passes_per_step(ocfg)  # the one statement of a step's passes
     cycle = 15  # a multiple of interval 3 and LookSAM's 5
     steps = -(-steps // cycle) * cycle
     ms, _ = time_variants(variants, device, warmup, steps, rounds)

@@ -98,6 +98,18 @@ class Method:
     spec: Optional[MethodSpec] = None
     build: Optional[MethodBuilder] = None
 
+    def passes_per_step(self, cfg: OptimConfig) -> tuple[float, float]:
+        """(forwards, backwards) per optimizer step on average, extra no-grad forwards counted: SGD one
+        of each, SAM and ASAM two, a SAM-family method what its rule says for `cfg`'s hyperparameters
+        (interval SAM and LookSAM perturb on some steps only). The one statement of a step's passes:
+        the report and the benchmarks read it here."""
+        if self.build is None:
+            return (2.0, 2.0) if self.uses_sam else (1.0, 1.0)
+        # The rule alone decides the count; a probe stands in for the model (SAM-ON needs a
+        # normalization layer to select), so no real model or data is built to ask it.
+        _, method = build_optimizer(nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2)), cfg)
+        return method.rule.passes_per_step()
+
 
 BUILDERS: dict[str, MethodBuilder] = {
     "gsam": _gsam, "esam": _esam, "fsam": _fsam, "vasso": _vasso, "samon": _samon, "asam_on": _asam_on,
@@ -171,14 +183,3 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> tuple[torch.optim.Opt
         return wrapped.base_optimizer, wrapped
     sam = SAM(groups, base_cls, rho=cfg.rho, p=cfg.p, adaptive=method.adaptive, eta=cfg.eta, eps=cfg.eps, **kwargs)
     return sam.base_optimizer, sam
-
-
-def passes_per_step(cfg: OptimConfig) -> tuple[float, float]:
-    """(forwards, backwards) per training step of `optim=cfg.name` on average: SGD 1 / 1, SAM 2 / 2, a
-    SAM-family method what its rule counts for these hyperparameters (interval SAM's cycle, ESAM's extra
-    no-grad forward). The method is built over a one-conv, one-BatchNorm stand-in: its rule's count
-    depends on the hyperparameters only."""
-    if not METHODS[cfg.name].uses_sam:
-        return 1.0, 1.0
-    _, method = build_optimizer(nn.Sequential(nn.Conv2d(1, 1, 1), nn.BatchNorm2d(1)), cfg)
-    return method.rule.passes_per_step() if isinstance(method, MethodOptimizer) else (2.0, 2.0)

@@ -2,7 +2,7 @@
 
 `generate(runs_dir, out_dir)` does it all; `sam-report` (report/cli.py) calls it and prints.
 Modules, in the order data flows: load (run dirs -> pandas), paper (the paper's numbers and
-settings), tables (matching, aggregation, rendering), plots.
+settings), tables (matching, aggregation, rendering), plots, methods (the SAM family side by side).
 The output depends only on the run directories: no timestamps, no absolute paths, sorted rows,
 fixed float formats, PNGs without version metadata. Generating twice gives the same bytes.
 """
@@ -19,7 +19,7 @@ from sam_repro.report.load import Loaded, load_runs
 
 PAPER_TABLES = (1, 2, 3, 4, 5)
 # Files of ours that a new generation may leave stale (a setting whose runs were removed).
-GENERATED_PLOT_GLOBS = ("curves_*.png", "rho_*.png", "label_noise.png")
+GENERATED_PLOT_GLOBS = ("curves_*.png", "rho_*.png", "label_noise.png", "methods_*.png")
 
 
 @dataclass
@@ -29,10 +29,10 @@ class Report:
     loaded: Loaded
     tables: list[tables.Table]
     budget: tables.Table
-    methods: tables.Table  # SGD, SAM and the SAM-family methods per setting (report/methods.py)
     plots: dict[str, plots.Plot]
     files: list[Path] = field(default_factory=list)
     sharpness: tables.Table | None = None  # from the runs' sharpness.json (sam-sharpness)
+    methods: tables.Table | None = None  # SGD, SAM and the SAM family per setting (report/methods.py)
 
     def filled(self, table: tables.Table) -> tuple[int, int]:
         """(paper cells with at least one run, paper cells) of one table."""
@@ -60,10 +60,11 @@ def generate(runs_dir: str | Path, out_dir: str | Path) -> Report:
         "learning curves": plots.learning_curves(loaded.runs, out),
         "label noise": plots.label_noise(paper_tables[3], out),
         "rho sweep": plots.rho_sweep(loaded.runs, out),
+        "methods": plots.methods_comparison(methods_table, out),
     }
     sharp_table, drawn["loss landscape"] = landscape.generate(loaded.runs, out)
     files += tables.write_table(sharp_table, out)
-    report = Report(loaded, paper_tables, budget, methods_table, drawn, sharpness=sharp_table)
+    report = Report(loaded, paper_tables, budget, drawn, sharpness=sharp_table, methods=methods_table)
     in_cells = {k for k, m in matches.items() if m.cells}
     readme = out / "README.md"
     readme.write_text(_readme(report, loaded.runs[loaded.runs["setting_key"].isin(in_cells)]),
@@ -119,7 +120,7 @@ def _readme(report: Report, paper_runs: pd.DataFrame) -> str:
         "## Files",
         "\n".join([*(f"- [{t.title}]({t.name}.md) ([csv]({t.name}.csv))" for t in report.tables),
                    f"- [{report.budget.title}](budget.md) ([csv](budget.csv))",
-                   f"- [{report.methods.title}](methods.md) ([csv](methods.csv))",
+                   *([f"- [{report.methods.title}](methods.md) ([csv](methods.csv))"] if report.methods else []),
                    *([f"- [{report.sharpness.title}](sharpness.md) ([csv](sharpness.csv))"] if report.sharpness else []),
                    *(f"- {kind}: [{f.name}]({f.name})" for kind, p in report.plots.items() for f in p.files)]),
         "## Skipped / not final",

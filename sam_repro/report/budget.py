@@ -141,7 +141,8 @@ def epochs_at(epoch: Any, steps_per_epoch: Any, steps: Any) -> float:
 def columns(budget: Budget) -> dict[str, Any]:
     """The `trained.*` columns of a run's row in the report (load.load_runs)."""
     return {"trained.epochs": budget.epochs, "trained.steps": budget.steps, "trained.images": budget.images,
-            "trained.steps_per_epoch": budget.steps_per_epoch, "trained.on_schedule": budget.on_schedule,
+            "trained.steps_per_epoch": budget.steps_per_epoch, "trained.images_per_step": budget.images_per_step,
+            "trained.on_schedule": budget.on_schedule,
             "trained.label": budget.label()}
 
 

@@ -44,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     kinds = report.budget.data["kind"]
     print(f"budget / non-paper settings: {int((kinds == 'budget').sum())} (budget.md); "
           f"synthetic-data pipeline checks: {int((kinds == 'synthetic').sum())}")
+    if report.methods is not None:
+        print(f"SAM-family methods: {len(report.methods.sections)} settings side by side (methods.md)")
     print(f"wrote {len(report.files)} files to {args.out} (summary: {args.out}/README.md)")
     return 0
 

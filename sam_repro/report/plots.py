@@ -1,4 +1,5 @@
-"""Plots next to the tables: learning curves, label noise, rho sweeps (PNG, byte-reproducible).
+"""Plots next to the tables: learning curves, label noise, rho sweeps, the methods side by side
+(PNG, byte-reproducible).
 
 Each function returns a `Plot`: the DataFrame it drew (so tests can check the numbers behind a
 figure) and the files it wrote. Figures are plain `matplotlib.figure.Figure`s saved through the Agg
@@ -48,10 +49,10 @@ def save_figure(fig: Figure, path: Path) -> Path:
     return path
 
 
-def _new_figure() -> tuple[Figure, Any]:
+def _new_figure(ncols: int = 1) -> tuple[Figure, Any]:
     with matplotlib.style.context("default"):
         fig = Figure(figsize=(6.4, 4.2), layout="constrained")
-        return fig, fig.subplots()
+        return fig, fig.subplots(1, ncols)
 
 
 def real_runs(runs: pd.DataFrame) -> pd.DataFrame:
@@ -227,3 +228,35 @@ def rho_sweep(runs: pd.DataFrame, out: Path) -> Plot:
         ax.legend(fontsize="small")
         files.append(save_figure(fig, out / f"{name}.png"))
     return Plot(pd.DataFrame(rows, columns=columns), files)
+
+
+def methods_comparison(methods: Table, out: Path) -> Plot:
+    """Beside each section of the methods table (report/methods.py): test error, mean ± 95% CI over
+    seeds, per row, and the training time relative to SGD on the same device (no bar where n/a).
+    Returns one row per (figure, method) with the numbers drawn."""
+    columns = ["figure", "method", "optimizer", "mean", "ci95", "n", "time_vs_sgd"]
+    d = methods.data
+    data = pd.DataFrame({"figure": "methods_" + d["setting"], "method": d["method"], "optimizer": d["optimizer"],
+                         "mean": d["mean"], "ci95": d["ci95"], "n": d["n"], "time_vs_sgd": d["time_vs_sgd"]},
+                        columns=columns)
+    files = []
+    for name, fig_data in data.groupby("figure", sort=True):
+        fig, (err_ax, time_ax) = _new_figure(ncols=2)
+        x = list(range(len(fig_data)))
+        colors = [COLORS.get(str(o), MORE_COLORS[i % len(MORE_COLORS)]) for i, o in enumerate(fig_data["optimizer"])]
+        for xi, (r, color) in enumerate(zip(fig_data.itertuples(), colors)):
+            err_ax.errorbar([xi], [r.mean], yerr=[0 if pd.isna(r.ci95) else r.ci95], fmt="o", color=color, capsize=3)
+        labels = [f"{m}\n(n={n})" for m, n in zip(fig_data["method"], fig_data["n"])]
+        err_ax.set(ylabel="final test error (%), mean ± 95% CI", xticks=x)
+        err_ax.set_xticklabels(labels, rotation=60, ha="right", fontsize="x-small")
+        ratio = fig_data["time_vs_sgd"].astype(float)
+        shown = ratio.notna().to_numpy()
+        time_ax.bar([xi for xi, ok in zip(x, shown) if ok], ratio[shown], color=[c for c, ok in zip(colors, shown) if ok])
+        for xi in (xi for xi, ok in zip(x, shown) if not ok):  # no SGD on the same device, or several devices
+            time_ax.text(xi, 0.05, "n/a", ha="center", va="bottom", rotation=90, fontsize="x-small")
+        time_ax.axhline(1.0, ls="--", color=COLORS["sgd"], lw=1)
+        time_ax.set(ylabel="train time vs SGD (same device)", xticks=x, xlim=(-0.6, len(x) - 0.4))
+        time_ax.set_xticklabels(list(fig_data["method"]), rotation=60, ha="right", fontsize="x-small")
+        fig.suptitle(name.removeprefix("methods_"), fontsize="small")
+        files.append(save_figure(fig, out / f"{name}.png"))
+    return Plot(data.reset_index(drop=True), files)

@@ -226,7 +226,9 @@ def match_setting(setting: dict[str, Any], cells: pd.DataFrame) -> Match:
     """The paper cells a setting fills, else its nearest cell (same dataset, model and method family)."""
     if setting.get("data.source") == "synthetic":
         return Match([], synthetic=True)
-    family = "sgd" if setting.get("optimizer") == "sgd" else "sam"  # asam is compared with SAM
+    # asam and the SAM family (gsam, esam, ...) are compared with SAM's cells for the nearest one, and
+    # never fill one: diff_fields names their optimizer as a departure (report/methods.py shows them)
+    family = "sgd" if setting.get("optimizer") == "sgd" else "sam"
     model = paper.normalize_model(str(setting.get("model")))
     cands = [(r["order"], r["expected"]) for _, r in cells.iterrows()
              if r["method"] == family and r["expected"].dataset == setting.get("dataset")

@@ -25,7 +25,7 @@ PAPER_RHO = {"cifar10": 0.05, "cifar100": 0.1}
 def write_run(root: Path, name: str, *, test_err: float | None = None, status: str = "completed",
               updated_at: str = "2026-01-01T00:00:00+00:00", source: str = "torchvision",
               curve: list[float] | None = None, final: dict[str, Any] | None = None,
-              device: str = "NVIDIA H100 80GB HBM3", **config: Any) -> Path:
+              device: str = "NVIDIA H100 80GB HBM3", images_per_s: float = 1000.0, **config: Any) -> Path:
     """One run directory `root/name` with metrics.json (and metrics.jsonl when `curve` is given).
     `config` overrides the defaults below (a paper-setting CIFAR-10 WRN-28-10 SAM run)."""
     cfg: dict[str, Any] = {
@@ -47,7 +47,7 @@ def write_run(root: Path, name: str, *, test_err: float | None = None, status: s
         "started_at": "2026-01-01T00:00:00+00:00", "updated_at": updated_at, "config": cfg,
         "final": final, "best": final and {**final, "epoch": cfg["epochs"]},
         "epochs_done": cfg["epochs"] if status == "completed" else 3, "wall_s": 10.0,
-        "images_per_s": 1000.0,
+        "images_per_s": images_per_s,
         "env": {"torch": "2.11.0", "cuda": "13.0", "device": device, "git_sha": "abc", "git_dirty": False},
         "data": {"source": source, "root": "/data", "fingerprint": f"sha256:{cfg['dataset']}-{source}",
                  "train_size": 50000, "test_size": 10000, "val_size": 0,

@@ -113,7 +113,8 @@ def test_a_row_is_the_document_flattened_and_nothing_else(tmp_path: Path) -> Non
         **config, **_flat({**doc["final"], "test_acc": 96.0}, "final"), **_flat(doc["env"], "env"), **_flat(doc["data"], "data"),
         # the training done, counted here: 200 epochs of 50,000 // 256 = 195 steps of 256 images
         "trained.epochs": 200.0, "trained.steps": 200 * 195, "trained.images": 200 * 195 * 256,
-        "trained.steps_per_epoch": 195, "trained.on_schedule": True, "trained.label": "200 epochs",
+        "trained.steps_per_epoch": 195, "trained.images_per_step": 256, "trained.on_schedule": True,
+        "trained.label": "200 epochs",
     }
     assert list(runs.index) == [0] and runs.iloc[0].to_dict() == expected
     assert set(runs.columns) == set(expected)
