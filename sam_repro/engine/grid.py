@@ -18,6 +18,10 @@ it per-device; here torch.func does the mapping over the (member, device) grid:
   turns its rows into e (SAM.grouped_perturbation: its rho, one norm per device); then one forward
   of the P x k perturbed weight sets w + e_d and one backward. The loss summed over members has, in
   each member's rows, exactly that member's gradient: members never mix.
+- a method on two batches (RWP): the devices halved into clean ones at w and noisy ones at w + their
+  own noise (`two_halves`: under DDP the even ranks clean, the odd ones noisy), one pass over all of
+  them side by side, each device's gradient weighted by the method before the mean; the BatchNorm
+  statistics kept are the clean devices' (`bn_stats=first_pass`).
 
 Under autocast, a convolution whose weights are batched by vmap is not cast: the weights and the
 input are cast by hand (`_low_precision`), BatchNorm kept in fp32 (`_batchnorm_in_float`). What

@@ -13,7 +13,8 @@ its own, the losses weighted (1 - alpha) * 2 and alpha * 2 and the gradients ave
 noise, drawn per tensor from the weights at w: for a tensor of >= 2 dims, N(0, sigma_i^2) elementwise
 with sigma_i = gamma ||W[i]|| per slice i along dim 0 (per output filter, per fc row); for a 1-d tensor
 one sigma = gamma (||w|| + 1e-16). The two passes do not depend on each other (the noise ignores the
-clean gradient), so a driver may run them side by side; this class runs them one after the other.
+clean gradient), so a driver may run them side by side; this class runs them one after the other, the
+engine side by side, on the two halves of its batch (engine/grid.py, docs/methods.md#rwp).
 """
 from __future__ import annotations
 
