@@ -81,9 +81,9 @@ class Rule:
         """`needs.two_batches`: the noise of k noisy devices, (k, *shape) per tensor of `params` (w)."""
         raise NotImplementedError(f"{type(self).__name__} does not run on two batches")
 
-    def mix_weights(self, clean: int, k: int) -> list[float]:
-        """`needs.two_batches`: each of k devices' weight ([0, clean) clean, the others noisy) such that the
-        mean over the devices of every process of weight x gradient is the applied gradient."""
+    def mix_weights(self) -> tuple[float, float]:
+        """`needs.two_batches`: the weights of a clean and of a noisy device's gradient, such that the mean
+        over the devices of every process of weight x gradient is the applied gradient."""
         raise NotImplementedError(f"{type(self).__name__} does not run on two batches")
 
     def after_step(self, params: Sequence[Tensor], state: State, lrs: Sequence[float]) -> None:
@@ -225,7 +225,10 @@ class MethodOptimizer(torch.optim.Optimizer):
         is_clean = torch.arange(k, device=work[0].device) < clean
         self.last_grad_norm = (device_norms(work) * is_clean).mean() * 2
         self.last_perturbation_norm = (device_norms(drawn) * ~is_clean).mean() * 2
-        mul_rows_(work, torch.tensor(self.rule.mix_weights(clean, k), dtype=work[0].dtype, device=work[0].device))
+        clean_weight, noisy_weight = self.rule.mix_weights()
+        coef = torch.full((k,), noisy_weight, dtype=work[0].dtype, device=work[0].device)
+        coef[:clean] = clean_weight  # fills on the device: no host-to-device copy, which would wait for it
+        mul_rows_(work, coef)
         return grads
 
     def ordered(self, params: Sequence[Tensor], grads: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor]]:

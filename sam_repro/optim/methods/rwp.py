@@ -61,12 +61,12 @@ class RWPRule(Rule):
         torch._foreach_mul_(noise, filter_sigmas(params, self.gamma))
         return noise
 
-    def mix_weights(self, clean: int, k: int) -> list[float]:
+    def mix_weights(self) -> tuple[float, float]:
         """The engine's weights: the clean devices are half of all (of every process), so 2 (1 - alpha) on
         each clean one and 2 alpha on each noisy one make the mean over all of them (1 - alpha) x the
         clean mean + alpha x the noisy mean: the released code's loss weights (1 - alpha) x 2 and
         alpha x 2 before DDP's average."""
-        return [2 * (1 - self.alpha)] * clean + [2 * self.alpha] * (k - clean)
+        return 2 * (1 - self.alpha), 2 * self.alpha
 
     def perturbation(self, params: Sequence[Tensor], grads: list[Tensor], state: State, lr: float) -> Tensor:
         return self.perturb_with(grads, self.draw_noise(params, grads[0].shape[0], state), state)
