@@ -130,6 +130,7 @@ def validate(cfg: DictConfig) -> None:
              "optim.sync_perturbation", o.sync_perturbation,
              "one shared e(w) for the whole batch excludes per-device perturbations: set device_batch=null "
              "and optim.m=null, or optim.sync_perturbation=false")
+        _two_batch_layout(cfg, world, per_process, per_device, need)
     need(cfg.epochs >= 1, "epochs", cfg.epochs, "must be >= 1")
     need(cfg.train_steps is None or cfg.train_steps >= 1, "train_steps", cfg.train_steps, "must be >= 1, or null")
     one_of("resume", cfg.resume, RESUME_MODES)
@@ -189,13 +190,35 @@ def _method_ranges(o: DictConfig, need: Callable[[bool, str, Any, str], None],
     one_of("optim.looksam_projection", o.looksam_projection, LOOKSAM_PROJECTIONS)
     need(0 <= o.rwp_alpha <= 1, "optim.rwp_alpha", o.rwp_alpha, "must be in [0, 1]")
     need(o.rwp_gamma >= 0, "optim.rwp_gamma", o.rwp_gamma, "must be >= 0")
-    spec = METHODS[o.name].spec if o.name in METHODS else None
-    need(spec is None or not spec.needs.two_batches, "optim.name", o.name,
-         "needs two batches per step (clean and noisy), which sam-train does not feed yet: drive "
-         "sam_repro.optim.methods.RWP in your own loop (docs/methods.md#rwp), or choose another method")
     need(0 <= o.wsam_gamma < 1, "optim.wsam_gamma", o.wsam_gamma, "must be in [0, 1)")
     need(o.wsam_max_norm is None or o.wsam_max_norm > 0, "optim.wsam_max_norm", o.wsam_max_norm,
          "must be > 0, or null for no clipping")
+
+
+def _two_batch_layout(cfg: DictConfig, world: int, per_process: int, per_device: int,
+                      need: Callable[[bool, str, Any, str], None]) -> None:
+    """A method on two batches (RWP) halves its devices into clean and noisy ones (engine/grid.py's
+    two_halves): one process needs an even number of devices (one device: an even batch, split in two),
+    DDP an even number of processes (the even ranks clean, the odd ones noisy)."""
+    o, method = cfg.optim, cfg.optim.name
+    spec = METHODS[method].spec if method in METHODS else None
+    if spec is None or not spec.needs.two_batches:
+        return
+    if world > 1:
+        need(world % 2 == 0, "engine.nproc", cfg.engine.nproc,
+             f"optim={method} runs its clean pass on the even ranks and its noisy pass on the odd ones: "
+             f"it needs an even number of processes, not {world}")
+        return
+    m_sets = o.m is not None and o.m >= 1 and per_device % o.m == 0 and o.m < per_device
+    size = o.m if m_sets else per_device
+    devices = per_process // size
+    if devices == 1:
+        need(per_process % 2 == 0, "batch_size", cfg.batch_size,
+             f"optim={method} splits each step's batch into a clean and a noisy half: it must be even")
+    else:
+        need(devices % 2 == 0, "optim.m" if m_sets else "device_batch", o.m if m_sets else cfg.device_batch,
+             f"optim={method} splits each step's devices into a clean and a noisy half: the batch of {per_process} "
+             f"makes {devices} devices of {size}; choose one that makes an even number")
 
 
 def _valid_device(name: str) -> bool:

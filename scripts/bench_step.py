@@ -235,7 +235,7 @@ def bench_per_device(spec: dict, device: torch.device, warmup: int, steps: int, 
 # LookSAM k 5 <= 1.30x SGD). Rows name the method's own forward/backward count per step.
 METHOD_ROWS = [("gsam", {}), ("esam", {"esam_beta": 0.5, "esam_gamma": 0.5}), ("fsam", {}), ("vasso", {}),
                ("samon", {}), ("asam_on", {}), ("interval_sam", {"sam_interval": 3}), ("looksam", {"looksam_k": 5}),
-               ("wsam", {})]
+               ("rwp", {}), ("wsam", {})]
 
 
 def bench_methods(spec: dict, device: torch.device, warmup: int, steps: int, rounds: int) -> dict:

@@ -133,11 +133,7 @@ METHOD_DEFAULTS = {
 def test_each_method_config_carries_its_authors_defaults_and_keeps_the_presets_semantics(method: str) -> None:
     rho, eps, own = METHOD_DEFAULTS[method]
     cfg = compose_config(["experiment=t1_cifar10_wrn28_10_200ep", f"optim={method}"])
-    if method == "rwp":  # sam-train cannot feed its two batches per step yet: refused in one line that says so
-        with pytest.raises(ConfigError, match=r"optim.name='rwp' is invalid: needs two batches per step"):
-            validate(cfg)
-    else:
-        validate(cfg)
+    validate(cfg)
     o = cfg.optim
     assert o.name == method and o.p == 2
     assert (rho is None or o.rho == rho) and (eps is None or o.eps == eps)

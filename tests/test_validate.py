@@ -88,9 +88,9 @@ def test_each_bound_accepts_the_last_good_value_and_refuses_the_first_bad_one(ke
         assert len(got) == 1 and got[0].startswith(f"{key}="), got
 
 
-def test_rwp_is_refused_by_sam_train_in_one_line_until_the_engine_feeds_two_batches() -> None:
-    (line,) = problems("optim=rwp")
-    assert line.startswith("optim.name='rwp' is invalid: needs two batches per step") and "RWP in your own loop" in line
+def test_rwp_is_accepted_by_sam_train() -> None:
+    """The engine halves the batch into RWP's clean and noisy passes (its layouts: tests/optim/methods/test_rwp_engine.py)."""
+    assert problems("optim=rwp") == []
 
 
 @pytest.mark.parametrize("method", ["gsam", "esam", "fsam", "vasso", "samon", "asam_on", "interval_sam", "looksam",

@@ -73,14 +73,19 @@ def wrap(model: nn.Module, runtime: Runtime) -> nn.parallel.DistributedDataParal
 
 
 @torch.no_grad()
-def average_batchnorm_stats(model: nn.Module) -> None:
-    """Replace every BatchNorm running mean and variance by its mean over the ranks (one all-reduce)."""
+def average_batchnorm_stats(model: nn.Module, counted: bool = True) -> None:
+    """Replace every BatchNorm running mean and variance by its mean over the ranks (one all-reduce);
+    over the ranks with `counted` only (RWP: the clean ranks, whose statistics are the only ones kept)."""
     buffers = [b for m in batchnorm_layers(model) for b in (m.running_mean, m.running_var) if b is not None]
     if not buffers:
         return
-    flat = torch.cat([b.reshape(-1).to(torch.float32) for b in buffers])
+    weight = 1.0 if counted else 0.0
+    acc = torch.promote_types(buffers[0].dtype, torch.float32)  # an fp64 run's statistics averaged in fp64
+    # the ranks that count, summed in the same all-reduce as their statistics
+    flat = torch.cat([b.reshape(-1).to(acc) * weight for b in buffers] +
+                     [torch.full((1,), weight, dtype=acc, device=buffers[0].device)])
     dist.all_reduce(flat)
-    flat /= dist.get_world_size()
+    flat = flat[:-1] / flat[-1]
     for b, part in zip(buffers, flat.split([b.numel() for b in buffers])):
         b.copy_(part.view_as(b))
 

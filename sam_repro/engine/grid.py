@@ -18,6 +18,10 @@ it per-device; here torch.func does the mapping over the (member, device) grid:
   turns its rows into e (SAM.grouped_perturbation: its rho, one norm per device); then one forward
   of the P x k perturbed weight sets w + e_d and one backward. The loss summed over members has, in
   each member's rows, exactly that member's gradient: members never mix.
+- a method on two batches (RWP): the devices halved into clean ones at w and noisy ones at w + their
+  own noise (`two_halves`: under DDP the even ranks clean, the odd ones noisy), one pass over all of
+  them side by side, each device's gradient weighted by the method before the mean; the BatchNorm
+  statistics kept are the clean devices' (`bn_stats=first_pass`).
 
 Under autocast, a convolution whose weights are batched by vmap is not cast: the weights and the
 input are cast by hand (`_low_precision`), BatchNorm kept in fp32 (`_batchnorm_in_float`). What
@@ -29,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
@@ -63,13 +68,46 @@ def _set_buffer(model: nn.Module, name: str, value: Tensor) -> None:
     model.get_submodule(owner)._buffers[leaf] = value
 
 
+@dataclass(frozen=True)
+class Halves:
+    """Which of a process's k devices run the clean pass and which the noisy one, for a method whose step
+    runs on two batches (RWP, `needs.two_batches`)."""
+
+    clean: int  # devices [0, clean) are clean (gradient at w), [clean, k) noisy (gradient at w + noise)
+    noise_rows: slice  # this process's noisy devices among the rows of the noise every process draws
+    noise_total: int  # the noisy devices of all processes: the rows drawn
+
+
+def two_halves(k: int, rank: int = 0, world_size: int = 1) -> Halves:
+    """One process: the batch's first half of devices is clean, the second noisy (the released 2-GPU run
+    with the same total batch: rank 0 clean on batch A, rank 1 noisy on batch B). Under DDP, as the
+    released code: the even ranks clean, the odd ranks noisy, each with all its k devices."""
+    if world_size == 1:
+        if k % 2:
+            raise ValueError(f"a step on two batches splits its devices into a clean and a noisy half: {k} devices "
+                             "do not split (choose device_batch so that the batch makes an even number of them)")
+        return Halves(k // 2, slice(0, k // 2), k // 2)
+    if world_size % 2:
+        raise ValueError(f"a step on two batches runs the clean pass on the even ranks and the noisy one on the odd "
+                         f"ranks: {world_size} processes do not pair up")
+    total = world_size // 2 * k
+    if rank % 2 == 0:
+        return Halves(k, slice(0, 0), total)
+    first = rank // 2 * k
+    return Halves(0, slice(first, first + k), total)
+
+
 class GridStep:
     """Callable (x, y) of shape (P, B, ...) and (P, B) -> one StepStats per member; steps every active
     member's optimizer (`active[i] = False` freezes member i: a diverged run)."""
 
     def __init__(self, members: Sequence[Member], cfg: StepConfig, scaler: Optional[torch.amp.GradScaler] = None,
-                 grad_reduce: Optional[Callable[[list[Tensor]], None]] = None) -> None:
+                 grad_reduce: Optional[Callable[[list[Tensor]], None]] = None, rank: int = 0,
+                 world_size: int = 1) -> None:
+        """`rank`, `world_size`: this process among those `grad_reduce` averages over (a method on two
+        batches gives the even ranks the clean pass, the odd ranks the noisy one)."""
         self.members, self.cfg, self.scaler, self.grad_reduce = list(members), cfg, scaler, grad_reduce
+        self.rank, self.world_size = rank, world_size
         self.size = len(self.members)
         alone = self.size == 1
         # The module torch.func calls: a member's own when it is alone, else a private copy (members' own
@@ -110,6 +148,15 @@ class GridStep:
         self._bn_in_float = False
         if cfg.autocast_dtype is not None:
             self._install_batchnorm_hooks()
+
+    @property
+    def counts_statistics(self) -> bool:
+        """Whether this process's BatchNorm statistics enter the mean over processes: not a process that
+        runs only the noisy pass of a method on two batches with `bn_stats=first_pass` (RWP: the
+        statistics are the clean pass's; the released code's buffers are its clean rank 0's)."""
+        if not (self.needs.two_batches and self.cfg.bn_stats == "first_pass") or self.world_size == 1:
+            return True
+        return two_halves(1, self.rank, self.world_size).clean > 0
 
     def _per_member_l2(self, name: str, index: int) -> Optional[Tensor]:
         """Each member's L2 coefficient of one parameter (from its param group), as a (P, 1, ...) tensor."""
@@ -209,6 +256,12 @@ class GridStep:
     def __call__(self, x: Tensor, y: Tensor) -> list[StepStats]:
         members, batch = y.shape
         size = device_size(batch, self.cfg, self.uses_sam)
+        if self.needs.two_batches and self.world_size == 1 and size == batch:
+            # one process, one device: the batch still splits into its clean and its noisy half (RWP)
+            if batch % 2:
+                raise ValueError(f"a step on two batches splits its batch into a clean and a noisy half: a batch "
+                                 f"of {batch} examples does not")
+            size = batch // 2
         if batch % size:
             raise ValueError(f"a batch of {batch} examples cannot be split into devices of {size}")
         k = batch // size
@@ -220,16 +273,21 @@ class GridStep:
         self.passes.draws.capture()
         reduced = False  # the gradients already averaged over processes (a method that combines on the mean)
         labels = yg  # of the examples the applied pass saw (ESAM: a subset)
+        counted = k  # the leading devices whose BatchNorm statistics the buffers keep
         perturbed = self.uses_sam and not (self.needs.skips_perturbation and not self.members[0].sam.perturbs_now())
         if not self.uses_sam:
             losses, logits = self._sgd(xg, yg, stats, scale)
+        elif self.needs.two_batches:
+            losses, logits, counted = self._two_batches(xg, yg, stats, scale)
         elif not perturbed:
             losses, logits = self._plain(xg, yg, stats, scale)
         else:
             losses, logits, labels, reduced = self._sam(xg, yg, stats, scale)
         with torch.no_grad():
             for n, buffer in self.buffers.items():
-                value = stats[n]
+                if not counted:  # a process of noisy devices only: its statistics stay as they were
+                    break
+                value = stats[n][:, :counted]
                 if buffer.is_floating_point():  # the mean in at least fp32 (bf16 statistics would lose it)
                     buffer.copy_(value.mean(1, dtype=torch.promote_types(value.dtype, torch.float32)))
                 else:  # num_batches_tracked: every device counted the same steps
@@ -343,6 +401,29 @@ class GridStep:
                     self.grad_reduce(own + list(member.sam.rule.kept_first_gradient(member.sam.method_state)))
                 member.sam.grouped_combine(self.member_params[i], own)
         return losses.detach(), logits.detach(), yg, self.grad_reduce is not None
+
+    def _two_batches(self, xg: Tensor, yg: Tensor, stats: dict[str, Tensor],
+                     scale: Optional[Tensor]) -> tuple[Tensor, Tensor, int]:
+        """RWP (`needs.two_batches`): the clean devices' gradients at w and the noisy devices' at w + their
+        own noise, in one pass side by side (the two do not depend on each other), L2 term included, mixed
+        by the method's weights and averaged. Returns (losses, logits, the devices whose BatchNorm
+        statistics count: the clean ones with `bn_stats=first_pass`, else all)."""
+        members, k = yg.shape[:2]
+        halves = two_halves(k, self.rank, self.world_size)
+        noise = {n: w.new_zeros((members, k, *w.shape[1:])) for n, w in self.weights.items()}  # zero: clean devices
+        with torch.no_grad():
+            for i, member in enumerate(self.members):  # each member draws from its own generator
+                member.sam.grouped_noise(self.member_params[i], [noise[n][i, halves.clean:] for n in self.names],
+                                         halves.noise_rows, halves.noise_total)
+        weights = {n: self.weights[n].detach().unsqueeze(1) + noise[n] for n in self.names}
+        grads, loss, logits, _ = self._cell_gradients(weights, True, stats, xg, yg, scale)
+        with torch.no_grad():
+            self._add_l2(grads, lambda n: weights[n], scale, per_device=True)
+            for i, member in enumerate(self.members):
+                member.sam.grouped_mix(self.member_params[i], [grads[n][i] for n in self.names],
+                                       [noise[n][i] for n in self.names], halves.clean)
+            self._into_grads(grads)
+        return loss.mean(1), logits, halves.clean if self.cfg.bn_stats == "first_pass" else k
 
     def _selected_examples(self, e: dict[str, Tensor], stats: dict[str, Tensor], xg: Tensor, yg: Tensor,
                            per_example_w: Tensor) -> tuple[Tensor, Tensor]:

@@ -230,7 +230,8 @@ class Run:
             first_pass = contextlib.nullcontext if self.cfg.optim.sync_perturbation else ddp.no_sync
         return TrainStep(train_model, self.optimizer, self.sam, self.step_config, scaler=self.scaler,
                          first_pass_context=first_pass, module=self.model,
-                         grad_reduce=distributed.average_gradients if rt.distributed else None)
+                         grad_reduce=distributed.average_gradients if rt.distributed else None,
+                         rank=rt.rank, world_size=rt.world_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """This run's logits for one evaluation batch, as (1, n, C) (the engine's autocast and layout)."""
@@ -365,6 +366,7 @@ class Trainer:
             solo = first.solo_step()
             step: Callable = lambda x, y: [solo(x[0], y[0])]  # noqa: E731
             module, forward, active = first.model, first.forward, [True]
+            counted = solo.counts_statistics
         else:
             packed, why = pack_pays(runs, progresses[0].epoch + 1)
             log.info("pack of %d runs from epoch %d: %s", len(runs), progresses[0].epoch + 1, why)
@@ -372,6 +374,7 @@ class Trainer:
                 return [self._fit_together([run], [progress])[0] for run, progress in zip(runs, progresses)]
             grid = GridStep([run.member for run in runs], first.step_config)
             step, module, forward, active = grid, grid.passes.module, grid.forward_members, grid.active
+            counted = grid.counts_statistics
             log.info("packed: %s", ", ".join(str(run.run_dir) for run in runs))
         codes = [EXIT_OK] * len(runs)
         every, every_steps = first.cfg.engine.eval_every, first.cfg.engine.eval_every_steps
@@ -384,7 +387,7 @@ class Trainer:
                 due = periods[0].steps >= every_steps if every_steps else epoch % every == 0
                 if not due and epoch != first.epochs:
                     continue  # evaluate, log and checkpoint every eval_every epochs (or steps) and at the end
-                self._evaluate(forward, module, runs, progresses, periods, epoch, active)
+                self._evaluate(forward, module, runs, progresses, periods, epoch, active, counted)
                 periods = [Period(first.runtime.device) for _ in runs]
         except BaseException as err:
             for run, progress, is_active in zip(runs, progresses, active):
@@ -455,13 +458,14 @@ class Trainer:
                 runs[i].runlog.finish("diverged", why)
 
     def _evaluate(self, forward: Callable, module: nn.Module, runs: list[Run], progresses: list[Progress], periods: list[Period],
-                  epoch: int, active: list[bool]) -> None:
-        """Evaluate every run at once, then each active run's row, checkpoint and log line."""
+                  epoch: int, active: list[bool], counted: bool = True) -> None:
+        """Evaluate every run at once, then each active run's row, checkpoint and log line. `counted`: whether
+        this process's BatchNorm statistics enter the mean over processes (RWP's noisy ranks' do not)."""
         first = runs[0]
         rt = first.runtime
         start = time.perf_counter()
         if rt.distributed:  # per-replica BatchNorm: evaluate and checkpoint the ranks' mean statistics
-            distributed.average_batchnorm_stats(first.model)
+            distributed.average_batchnorm_stats(first.model, counted)
         module.eval()
         measured: list[dict[str, dict[str, float]]] = [{} for _ in runs]
         for split, loader in first.eval_loaders.items():

@@ -43,18 +43,27 @@ class TrainStep:
         first_pass_context: Callable[[], ContextManager] = contextlib.nullcontext,
         module: Optional[nn.Module] = None,
         grad_reduce: Optional[Callable[[list[Tensor]], None]] = None,
+        rank: int = 0,
+        world_size: int = 1,
     ) -> None:
         """`model` runs the eager backend (a DDP wrapper and/or torch.compile'd); `module` is the plain
         nn.Module under it, which the grid backend calls functionally (default: `model`).
         `grad_reduce` averages the grid backend's gradients over processes (DDP's own hooks only run
-        on the eager backend)."""
+        on the eager backend); `rank` and `world_size` place this process among them (RWP's clean and noisy
+        ranks)."""
         self.member = Member(module if module is not None else model, optimizer, sam, cfg.grad_clip)
         self.cfg = cfg
         # SAM's follow-ups (optim/methods/) are written once, for the grid: they take it with one device too
         self.method = isinstance(sam, MethodOptimizer)
         self.eager = None if self.method else EagerStep(model, self.member, cfg, scaler, first_pass_context)
         emulates_devices = cfg.device_batch or (sam is not None and cfg.m) or self.method
-        self.grid = GridStep([self.member], cfg, scaler=scaler, grad_reduce=grad_reduce) if emulates_devices else None
+        self.grid = (GridStep([self.member], cfg, scaler=scaler, grad_reduce=grad_reduce, rank=rank, world_size=world_size)
+                     if emulates_devices else None)
+
+    @property
+    def counts_statistics(self) -> bool:
+        """Whether this process's BatchNorm statistics enter their mean over the processes (GridStep's)."""
+        return self.grid is None or self.grid.counts_statistics
 
     def __call__(self, x: Tensor, y: Tensor) -> StepStats:
         if self.eager is not None and device_size(x.shape[0], self.cfg, self.member.sam is not None) == x.shape[0]:

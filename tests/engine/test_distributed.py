@@ -6,6 +6,7 @@
 - optim.sync_perturbation=true equals one process over the full batch, m=null (with a model without
   BatchNorm: per-replica BatchNorm normalizes over half the batch, so it cannot equal full-batch BN);
 - a resumed DDP run ends where an uninterrupted one does, and the ranks hold the same BN statistics;
+- every SAM-family method, trained in one 2-process launch, equals one process emulating 2 devices;
 - `sam-train engine.ddp=true` writes one run directory.
 Augmentation is off (its draws are per rank) and the data is synthetic.
 """
@@ -183,3 +184,49 @@ def test_engine_ddp_on_the_cpu_needs_nproc(tmp_path: Path) -> None:
     # the per-device batch the m check uses is the one the launched processes will have
     with pytest.raises(ConfigError, match="per-device batch \\(16\\)"):
         validate(compose_config([*BASE, "engine.ddp=true", "engine.device=cpu", "engine.nproc=2", "optim.m=32"]))
+
+
+# Every SAM-family method (docs/methods.md), with the settings that make its step do all it can do in
+# 2 steps: interval SAM and LookSAM alternate plain and SAM steps, ESAM keeps a subset of tensors (its
+# keep mask, one for every process) and a fixed number of examples. Each distinct case of what is per
+# device and what is synchronized under DDP is among them: a per-replica e (GSAM, SAM-ON, ASAM-ON,
+# ESAM, the SAM steps of interval SAM and LookSAM), per-device state (F-SAM's running mean, LookSAM's
+# g_v), a synchronized first pass (VaSSO), gradients averaged before the method combines them (WSAM),
+# a decision shared by seeding alike (ESAM's keep mask), clean and noisy ranks (RWP: the even rank clean,
+# its BatchNorm statistics the only ones kept).
+METHOD_RUNS = {
+    "gsam": ["optim.gsam_rho_min=0.01"], "esam": ["optim.esam_selection=topk", "optim.esam_beta=0.6"],
+    "fsam": [], "vasso": [], "samon": [], "asam_on": [], "interval_sam": ["optim.sam_interval=2"],
+    "looksam": ["optim.looksam_k=2"], "rwp": [], "wsam": [],
+}
+METHODS_BASE = [*BASE, "model.name=wrn10_1", "dataset.train_size=64", "dataset.test_size=32", "engine.eval_batch_size=32",
+                "epochs=1", "engine.precision=fp64"]
+
+
+def _methods_rank_main(rank: int, port: int, runs: dict[str, list[str]], out: str) -> None:
+    """One rank of one launch that trains every method in turn (spawning processes costs more than a run)."""
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(WORLD),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    from sam_repro.engine import distributed
+
+    try:
+        for method, overrides in runs.items():
+            assert train(Run(compose_config(overrides), Path(out) / method)) == 0
+    finally:
+        distributed.shutdown()
+
+
+@pytest.mark.slow
+def test_every_method_under_ddp_equals_one_process_emulating_the_devices(tmp_path: Path) -> None:
+    # float64, as the SAM test above: the two layouts add the same numbers in different orders
+    runs = {m: [*METHODS_BASE, f"optim={m}", *extra] for m, extra in METHOD_RUNS.items()}
+    mp.spawn(_methods_rank_main, args=(free_port(), runs, str(tmp_path / "ddp")), nprocs=WORLD, join=True)
+    worst = {}
+    for method, overrides in runs.items():
+        ddp = torch.load(tmp_path / "ddp" / method / "checkpoint.pt", weights_only=False)
+        emulated = run_single(tmp_path / "emulated" / method, [*overrides, f"device_batch={PER_REPLICA}"])
+        assert ddp["progress"]["step"] == emulated["progress"]["step"] == 2
+        worst[method] = (max_diff(params(ddp), params(emulated)), max_diff(bn_stats(ddp), bn_stats(emulated)))
+    assert all(p < 1e-6 and b < 1e-6 for p, b in worst.values()), worst
+    print("max |DDP - emulated| (parameters, BatchNorm buffers):", {m: f"{p:.1e}, {b:.1e}" for m, (p, b) in worst.items()})

@@ -41,7 +41,9 @@ class Needs:
     skips_perturbation: bool = False  # on some steps no perturbed pass: rule.perturbs(state) says which
     partial_first_pass: bool = False  # only rule.first_pass_mask(state)'s tensors need a gradient at w (ESAM)
     selects_examples: bool = False  # ESAM: per-example losses at w and at w + e, the perturbed pass on a subset
-    two_batches: bool = False  # RWP: the perturbed pass runs on a second batch; e ignores the gradient at w
+    # RWP: the batch splits into a clean half (gradient at w) and a noisy half (gradient at w + noise drawn
+    # by rule.draw_noise, independent of any gradient), run side by side; rule.mix_weights mixes them
+    two_batches: bool = False
     after_step: bool = False  # rule.after_step() moves the weights after the base optimizer's step (WSAM)
 
 
@@ -74,6 +76,15 @@ class Rule:
 
     def plain(self, grads: list[Tensor], state: State) -> None:
         """The applied gradients of a step without a perturbed pass, from the gradients at w, in place."""
+
+    def draw_noise(self, params: Sequence[Tensor], k: int, state: State) -> list[Tensor]:
+        """`needs.two_batches`: the noise of k noisy devices, (k, *shape) per tensor of `params` (w)."""
+        raise NotImplementedError(f"{type(self).__name__} does not run on two batches")
+
+    def mix_weights(self) -> tuple[float, float]:
+        """`needs.two_batches`: the weights of a clean and of a noisy device's gradient, such that the mean
+        over the devices of every process of weight x gradient is the applied gradient."""
+        raise NotImplementedError(f"{type(self).__name__} does not run on two batches")
 
     def after_step(self, params: Sequence[Tensor], state: State, lrs: Sequence[float]) -> None:
         """After the base optimizer's step (`lrs`: each parameter's learning rate)."""
@@ -190,6 +201,34 @@ class MethodOptimizer(torch.optim.Optimizer):
     def grouped_plain(self, params: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
         """The applied gradients of a step without a perturbed pass, from the gradients at w, in place."""
         self.rule.plain(self.ordered(params, grads)[1], self.method_state)
+        return grads
+
+    @torch.no_grad()
+    def grouped_noise(self, params: list[Tensor], out: list[Tensor], rows: slice, total: int) -> list[Tensor]:
+        """`needs.two_batches`: the noise of `total` noisy devices drawn (every process draws all of them, so
+        that one generator state, the one a checkpoint saves, serves every process), rows `rows` of it
+        written into `out` ((rows, *shape) beside each of `params`, in any order)."""
+        ours, work = self.ordered(params, out)
+        noise = self.rule.draw_noise(ours, total, self.method_state)
+        torch._foreach_copy_(work, [n[rows] for n in noise])
+        return out
+
+    @torch.no_grad()
+    def grouped_mix(self, params: list[Tensor], grads: list[Tensor], noise: list[Tensor], clean: int) -> list[Tensor]:
+        """`needs.two_batches`: `grads` (k, *shape), devices [0, clean) at w and the others at w + `noise`,
+        weighted in place so that their mean over the devices (and processes) is the applied gradient.
+        The logged norms: the clean gradients' mean norm and the noise's, over every process's devices (the
+        clean devices are half of them, so twice the mean of each role's share of this process's)."""
+        _, work = self.ordered(params, grads)
+        _, drawn = self.ordered(params, noise)
+        k = work[0].shape[0]
+        is_clean = torch.arange(k, device=work[0].device) < clean
+        self.last_grad_norm = (device_norms(work) * is_clean).mean() * 2
+        self.last_perturbation_norm = (device_norms(drawn) * ~is_clean).mean() * 2
+        clean_weight, noisy_weight = self.rule.mix_weights()
+        coef = torch.full((k,), noisy_weight, dtype=work[0].dtype, device=work[0].device)
+        coef[:clean] = clean_weight  # fills on the device: no host-to-device copy, which would wait for it
+        mul_rows_(work, coef)
         return grads
 
     def ordered(self, params: Sequence[Tensor], grads: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor]]:

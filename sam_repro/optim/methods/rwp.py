@@ -13,7 +13,8 @@ its own, the losses weighted (1 - alpha) * 2 and alpha * 2 and the gradients ave
 noise, drawn per tensor from the weights at w: for a tensor of >= 2 dims, N(0, sigma_i^2) elementwise
 with sigma_i = gamma ||W[i]|| per slice i along dim 0 (per output filter, per fc row); for a 1-d tensor
 one sigma = gamma (||w|| + 1e-16). The two passes do not depend on each other (the noise ignores the
-clean gradient), so a driver may run them side by side; this class runs them one after the other.
+clean gradient), so a driver may run them side by side; this class runs them one after the other, the
+engine side by side, on the two halves of its batch (engine/grid.py, docs/methods.md#rwp).
 """
 from __future__ import annotations
 
@@ -59,6 +60,13 @@ class RWPRule(Rule):
         noise = [torch.randn((k, *w.shape), generator=gen, dtype=w.dtype, device=w.device) for w in params]
         torch._foreach_mul_(noise, filter_sigmas(params, self.gamma))
         return noise
+
+    def mix_weights(self) -> tuple[float, float]:
+        """The engine's weights: the clean devices are half of all (of every process), so 2 (1 - alpha) on
+        each clean one and 2 alpha on each noisy one make the mean over all of them (1 - alpha) x the
+        clean mean + alpha x the noisy mean: the released code's loss weights (1 - alpha) x 2 and
+        alpha x 2 before DDP's average."""
+        return 2 * (1 - self.alpha), 2 * self.alpha
 
     def perturbation(self, params: Sequence[Tensor], grads: list[Tensor], state: State, lr: float) -> Tensor:
         return self.perturb_with(grads, self.draw_noise(params, grads[0].shape[0], state), state)

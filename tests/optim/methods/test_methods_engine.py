@@ -2,7 +2,8 @@
 authors' released code: tests/fixtures/variants' trajectories, to 1e-10, in the fixtures' setting
 (weight decay inside SGD: optim.wd_mode=decoupled; no clipping; BatchNorm as the fixture's policy
 says: buffer_firstpass is optim.bn_stats=first_pass, whose count is one forward per step). And every
-method trains in a run, alone, over emulated devices and packed, and resumes exactly."""
+method trains in a run, alone, over emulated devices and packed, and resumes exactly. RWP's fixture,
+which needs its two batches concatenated, is reproduced in tests/optim/methods/test_rwp_engine.py."""
 from __future__ import annotations
 
 import json
@@ -86,7 +87,7 @@ def fast(method: str, *extra: str) -> list[str]:
     return [*FAST, f"optim={method}", "engine.precision=fp64", *extra]
 
 
-METHODS = ["gsam", "esam", "fsam", "vasso", "samon", "asam_on", "interval_sam", "looksam", "wsam"]
+METHODS = ["gsam", "esam", "fsam", "vasso", "samon", "asam_on", "interval_sam", "looksam", "rwp", "wsam"]
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -105,10 +106,10 @@ def test_each_method_trains_a_run_over_emulated_devices_and_a_pack_equals_its_so
     assert rows(tmp_path / "solo0") != rows(tmp_path / "solo1")
 
 
-@pytest.mark.parametrize("method", ["fsam", "looksam", "esam", "gsam", "wsam"])
+@pytest.mark.parametrize("method", ["fsam", "looksam", "esam", "gsam", "wsam", "rwp"])
 def test_a_resumed_method_run_equals_an_uninterrupted_one(tmp_path: Path, method: str) -> None:
     """Every method's own state (F-SAM's running mean, LookSAM's stored component and counter, ESAM's
-    generator and keep mask) goes into the checkpoint, and a method that reads the lr (GSAM's rho, WSAM's
+    generator and keep mask, RWP's noise generator) goes into the checkpoint, and a method that reads the lr (GSAM's rho, WSAM's
     own step) reads the resumed schedule's."""
     cfg = compose_config(fast(method, "epochs=3", "optim.looksam_k=3", "optim.gsam_rho_min=0.5"))  # GSAM: rho follows the lr
     assert fit(cfg, tmp_path / "whole") == 0
