@@ -21,7 +21,14 @@ def train(run: Run, wrap_step: Callable | None = None) -> int:
     place of the run's step (x, y) -> StepStats, to watch or disturb it. The run's exit code."""
     if wrap_step is not None:
         real = run.solo_step
-        run.solo_step = lambda: wrap_step(real())  # type: ignore[method-assign]
+
+        def watched():  # what the loop reads of its step besides calling it travels with the wrapper
+            step = real()
+            wrapped = wrap_step(step)
+            wrapped.counts_statistics = step.counts_statistics
+            return wrapped
+
+        run.solo_step = watched  # type: ignore[method-assign]
     return Trainer([run]).fit()[0]
 
 
