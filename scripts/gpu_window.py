@@ -274,10 +274,10 @@ def gpu_only_tests(tests: Path = REPO / "tests") -> list[str]:
                 and "cuda" in ast.unparse(decorator.args[0]))
 
     found = []
-    for path in sorted(tests.glob("test_*.py")):
+    for path in sorted(tests.rglob("test_*.py")):  # tests/ mirrors the package: every folder
         for node in ast.parse(path.read_text()).body:
             if isinstance(node, ast.FunctionDef) and any(cuda_skip(d) for d in node.decorator_list):
-                found.append(f"{path.relative_to(tests.parent)}::{node.name}")
+                found.append(f"{path.relative_to(tests.parent).as_posix()}::{node.name}")
     return found
 
 

@@ -175,12 +175,12 @@ def test_every_bench_command_uses_flags_its_script_declares(mode: str) -> None:
 def test_the_gpu_tests_check_selects_every_test_that_skips_itself_without_cuda() -> None:
     """The reference: a line scan of the test files for a skipif that reads torch.cuda."""
     expected = set()
-    for path in (REPO / "tests").glob("test_*.py"):
+    for path in (REPO / "tests").rglob("test_*.py"):
         lines = path.read_text().splitlines()
         for i, line in enumerate(lines):
             if line.startswith("@pytest.mark.skipif(") and "torch.cuda" in line:
                 name = next(m.group(1) for m in (re.match(r"def (test_\w+)", rest) for rest in lines[i + 1:]) if m)
-                expected.add(f"tests/{path.name}::{name}")
+                expected.add(f"{path.relative_to(REPO).as_posix()}::{name}")
     assert set(gw.gpu_only_tests()) == expected
     assert {"tests/optim/test_sam.py::test_no_host_synchronization_on_cuda",
             "tests/optim/test_sam_norms.py::test_keeping_the_norms_adds_no_host_synchronization",
