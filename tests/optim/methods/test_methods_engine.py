@@ -106,12 +106,14 @@ def test_each_method_trains_a_run_over_emulated_devices_and_a_pack_equals_its_so
     assert rows(tmp_path / "solo0") != rows(tmp_path / "solo1")
 
 
-@pytest.mark.parametrize("method", ["fsam", "looksam", "esam", "gsam", "wsam", "rwp"])
-def test_a_resumed_method_run_equals_an_uninterrupted_one(tmp_path: Path, method: str) -> None:
+# RWP over 4 devices of 8: two clean and two noisy, the noisy devices' generator in the checkpoint
+@pytest.mark.parametrize("method, layout", [("fsam", ()), ("looksam", ()), ("esam", ()), ("gsam", ()), ("wsam", ()),
+                                            ("rwp", ("device_batch=8",))])
+def test_a_resumed_method_run_equals_an_uninterrupted_one(tmp_path: Path, method: str, layout: tuple[str, ...]) -> None:
     """Every method's own state (F-SAM's running mean, LookSAM's stored component and counter, ESAM's
     generator and keep mask, RWP's noise generator) goes into the checkpoint, and a method that reads the lr (GSAM's rho, WSAM's
     own step) reads the resumed schedule's."""
-    cfg = compose_config(fast(method, "epochs=3", "optim.looksam_k=3", "optim.gsam_rho_min=0.5"))  # GSAM: rho follows the lr
+    cfg = compose_config(fast(method, "epochs=3", "optim.looksam_k=3", "optim.gsam_rho_min=0.5", *layout))  # GSAM: rho follows the lr
     assert fit(cfg, tmp_path / "whole") == 0
     first = Run(cfg, tmp_path / "cut")
     first.epochs = 1
@@ -120,4 +122,5 @@ def test_a_resumed_method_run_equals_an_uninterrupted_one(tmp_path: Path, method
     assert rows(tmp_path / "whole") == rows(tmp_path / "cut")
     state = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)
     assert state["method"] or method in ("gsam", "wsam")  # the stateless ones keep nothing of their own
+    assert method != "rwp" or set(state["method"]) == {"generator"}
     assert json.loads((tmp_path / "cut" / "metrics.json").read_text())["config"]["optimizer"] == method

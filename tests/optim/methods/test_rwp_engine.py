@@ -11,7 +11,6 @@ BatchNorm statistics are the clean pass's (bn_stats=first_pass). This is the rel
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -20,14 +19,10 @@ import torch
 
 from sam_repro.config import OptimConfig
 from sam_repro.engine.grid import Halves, two_halves
-from sam_repro.engine.loop import Run, fit
 from sam_repro.engine.step import StepConfig, TrainStep
 from sam_repro.optim.factory import build_optimizer
 from sam_repro.optim.methods.rwp import RWPRule
-from tests.conftest import compose_config
-from tests.helpers import train
 from tests.optim.methods.methods_helpers import BUFFERS, PARAMS, STEPS, TOL, batch, expected_buffers, fixture, tiny_net
-from tests.helpers import FAST, rows
 from tests.test_validate import problems
 
 # the fixtures' setting (tests/optim/methods/test_methods_engine.py): weight decay inside SGD, no clipping, BN from the clean pass
@@ -114,19 +109,6 @@ def test_validate_refuses_a_layout_that_does_not_halve_in_one_line(overrides: li
                                         "device_batch=16"]])
 def test_validate_accepts_a_layout_that_halves(overrides: list[str]) -> None:
     assert problems("optim=rwp", *overrides) == []
-
-
-def test_a_resumed_run_over_four_devices_equals_an_uninterrupted_one(tmp_path: Path) -> None:
-    """Two clean and two noisy devices of 8: the generator of the noisy devices' noise is in the checkpoint."""
-    cfg = compose_config([*FAST, "optim=rwp", "epochs=3", "device_batch=8"])
-    assert fit(cfg, tmp_path / "whole") == 0
-    first = Run(cfg, tmp_path / "cut")
-    first.epochs = 1
-    assert train(first) == 0
-    assert train(Run(cfg, tmp_path / "cut")) == 0
-    assert rows(tmp_path / "whole") == rows(tmp_path / "cut")
-    state = torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)
-    assert set(state["method"]) == {"generator"}
 
 
 @pytest.mark.parametrize("k, rank, world, want", [
