@@ -37,13 +37,13 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from torch.utils._pytree import tree_map
 
 from sam_repro.engine.passes import (Member, Passes, StepConfig, StepStats, apply_gradients, batchnorm_buffers,
-                                     clip_norms, device_size, member_stats, running_stats_frozen, to_layout)
+                                     clip_norms, device_size, member_stats, per_example_losses, running_stats_frozen,
+                                     to_layout)
 from sam_repro.optim.methods import MethodOptimizer
 from sam_repro.optim.methods.base import COMBINE_ON_MEAN, COMBINE_PER_DEVICE, Needs
 
@@ -221,11 +221,7 @@ class GridStep:
 
     def _member_losses(self, logits: Tensor, y: Tensor) -> Tensor:
         """Each member's mean cross-entropy over its batch, (P,) (in fp32 under autocast)."""
-        if logits.dtype in (torch.float16, torch.bfloat16):
-            logits = logits.float()
-        per_example = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="none",
-                                      label_smoothing=self.cfg.label_smoothing)
-        return per_example.view(logits.shape[0], -1).mean(dim=1)
+        return per_example_losses(logits, y, self.cfg.label_smoothing).view(logits.shape[0], -1).mean(dim=1)
 
     def _loss_scale(self) -> Optional[Tensor]:
         if self.scaler is None:
@@ -322,8 +318,7 @@ class GridStep:
         def loss_of(w: dict[str, Tensor], st: dict[str, Tensor], x: Tensor, y: Tensor):
             w, x = self._low_precision(w, x)  # inside: the gradient is the fp32 weights'
             logits = self._logits(w, st, x)
-            per_example = F.cross_entropy(logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits,
-                                          y, reduction="none", label_smoothing=self.cfg.label_smoothing)
+            per_example = per_example_losses(logits, y, self.cfg.label_smoothing)
             loss = per_example.mean()
             return (loss if scale is None else loss * scale), (loss.detach(), logits.detach(), per_example.detach())
 
@@ -436,8 +431,7 @@ class GridStep:
         frozen = running_stats_frozen(self.passes.batchnorms) if method.sharpness_bn == "frozen" else contextlib.nullcontext()
         with torch.no_grad(), frozen:
             logits = self._over_grid(self._logits, (0, 0, 0), (0, 0, 0))(weights, stats, x)
-            per_example_e = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), yg.reshape(-1),
-                                            reduction="none", label_smoothing=self.cfg.label_smoothing).view(yg.shape)
+            per_example_e = per_example_losses(logits, yg, self.cfg.label_smoothing)
         mask = torch.stack([m.sam.rule.select(per_example_w[i], per_example_e[i]) for i, m in enumerate(self.members)])
         counts = mask.sum(-1).unique().tolist()  # a host sync, as the released code's subset indexing
         if len(counts) != 1:

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Callable, ContextManager, Iterator, Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from sam_repro.config import OptimConfig
@@ -118,6 +119,15 @@ def to_layout(x: Tensor, channels_last: bool) -> Tensor:
     if not channels_last or x.dim() < 4:
         return x
     return x.movedim(-3, -1).contiguous().movedim(-1, -3)
+
+
+def per_example_losses(logits: Tensor, y: Tensor, label_smoothing: float = 0.0) -> Tensor:
+    """Each example's cross-entropy over the last axis of `logits` (in fp32 under autocast), shaped as `y`."""
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    losses = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="none",
+                             label_smoothing=label_smoothing)
+    return losses.view(y.shape)
 
 
 def add_l2_(grads: Sequence[Tensor], weights: Sequence[Tensor], l2: Sequence[float | Tensor],

@@ -8,7 +8,8 @@ backward (engine/passes.py): a batch that is one device (`device_batch=null`, wh
 a DDP run does) takes the eager backend (engine/eager.py: DDP overlap, torch.compile, CUDA graphs,
 fp16, SAM.first_step); emulated devices (the paper's 8 x 32 on one GPU, or SAM's m-sharpness) take
 the grid backend with one member (engine/grid.py: torch.func over the devices), which is also what
-trains a pack of runs. Training metrics come from the applied pass (the perturbed one for SAM), as
+trains a pack of runs. A SAM-family method takes the eager backend on one device of one process too
+(not RWP, whose step is two devices; under DDP the grid's). Training metrics come from the applied pass (the perturbed one for SAM), as
 in the official code.
 """
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Callable, ContextManager, Optional
 import torch
 from torch import Tensor, nn
 
-from sam_repro.engine.eager import EagerStep
+from sam_repro.engine.eager import EagerStep, runs_eagerly
 from sam_repro.engine.grid import GridStep
 from sam_repro.engine.passes import BN_STATS, SHAKEDROP_MASKS, Member, StepConfig, StepStats, device_size
 from sam_repro.optim.methods import MethodOptimizer
@@ -53,10 +54,11 @@ class TrainStep:
         ranks)."""
         self.member = Member(module if module is not None else model, optimizer, sam, cfg.grad_clip)
         self.cfg = cfg
-        # SAM's follow-ups (optim/methods/) are written once, for the grid: they take it with one device too
-        self.method = isinstance(sam, MethodOptimizer)
-        self.eager = None if self.method else EagerStep(model, self.member, cfg, scaler, first_pass_context)
-        emulates_devices = cfg.device_batch or (sam is not None and cfg.m) or self.method
+        # SAM's follow-ups (optim/methods/) take the eager backend on one device in one process; under DDP,
+        # or when the method's step is two batches (RWP), the grid's, with one device too
+        eager = runs_eagerly(sam, world_size)
+        self.eager = EagerStep(model, self.member, cfg, scaler, first_pass_context) if eager else None
+        emulates_devices = cfg.device_batch or (sam is not None and cfg.m) or not eager
         self.grid = (GridStep([self.member], cfg, scaler=scaler, grad_reduce=grad_reduce, rank=rank, world_size=world_size)
                      if emulates_devices else None)
 

@@ -1,5 +1,5 @@
-"""Each SAM-family method through the engine's step (the grid backend, one device) against its
-authors' released code: tests/fixtures/variants' trajectories, to 1e-10, in the fixtures' setting
+"""Each SAM-family method through the engine's step, on both backends with one device (the eager one a
+solo run takes, and the grid one of packs and DDP), against its authors' released code: tests/fixtures/variants' trajectories, to 1e-10, in the fixtures' setting
 (weight decay inside SGD: optim.wd_mode=decoupled; no clipping; BatchNorm as the fixture's policy
 says: buffer_firstpass is optim.bn_stats=first_pass, whose count is one forward per step). And every
 method trains in a run, alone, over emulated devices and packed, and resumes exactly. RWP's fixture,
@@ -15,6 +15,8 @@ import torch
 
 from sam_repro.config import OptimConfig
 from sam_repro.engine.loop import Run, fit, fit_pack
+from sam_repro.engine.grid import GridStep
+from sam_repro.engine.passes import Member
 from sam_repro.engine.step import StepConfig, TrainStep
 from sam_repro.optim.factory import build_optimizer
 from sam_repro.optim.methods.gsam import GSAMRule
@@ -42,15 +44,22 @@ SETTINGS = {
 }
 
 
-def run_engine(name: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, np.ndarray]:
-    """The fixture's 8 steps through TrainStep; per step: parameters, BN buffers, the applied gradient."""
+def run_engine(name: str, monkeypatch: pytest.MonkeyPatch, backend: str = "eager") -> dict[str, np.ndarray]:
+    """The fixture's 8 steps through the step's `backend`; per step: parameters, BN buffers, the applied
+    gradient."""
     overrides, _ = SETTINGS[name]
     fx = fixture(name)
     net = tiny_net()
     base, method = build_optimizer(net, OptimConfig(**{**BASE, **overrides}))
     applied: list[list[torch.Tensor]] = []
     base.register_step_pre_hook(lambda opt, args, kw: applied.append([p.grad.detach().clone() for p in net.parameters()]))
-    step = TrainStep(net, base, method, StepConfig.of(OptimConfig(**{**BASE, **overrides})))
+    cfg = StepConfig.of(OptimConfig(**{**BASE, **overrides}))
+    if backend == "eager":
+        step = TrainStep(net, base, method, cfg)
+        assert step.eager is not None and step.grid is None, "a method on one device takes the eager backend"
+    else:
+        grid = GridStep([Member(net, base, method)], cfg)
+        step = lambda x, y: grid(x.unsqueeze(0), y.unsqueeze(0))  # noqa: E731
     out: dict[str, list] = {}
     for t in range(STEPS):
         for group in base.param_groups:  # the lr the released code used at step t (GSAM's scheduler)
@@ -69,9 +78,10 @@ def run_engine(name: str, monkeypatch: pytest.MonkeyPatch) -> dict[str, np.ndarr
     return {k: np.stack(v) for k, v in out.items()}
 
 
+@pytest.mark.parametrize("backend", ["eager", "grid"])
 @pytest.mark.parametrize("name", sorted(SETTINGS))
-def test_the_engines_step_follows_the_released_code(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    got = run_engine(name, monkeypatch)
+def test_the_engines_step_follows_the_released_code(name: str, backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    got = run_engine(name, monkeypatch, backend)
     fx = fixture(name)
     _, policy = SETTINGS[name]
     buffers = expected_buffers(name, policy)
@@ -124,3 +134,40 @@ def test_a_resumed_method_run_equals_an_uninterrupted_one(tmp_path: Path, method
     assert state["method"] or method in ("gsam", "wsam")  # the stateless ones keep nothing of their own
     assert method != "rwp" or set(state["method"]) == {"generator"}
     assert json.loads((tmp_path / "cut" / "metrics.json").read_text())["config"]["optimizer"] == method
+
+
+# Every one-batch method on the two backends a one-device step can take, in the presets' semantics (L2
+# in the loss, clipping, BatchNorm statistics of the first pass): the eager one of a solo run and the
+# grid one of its packs and DDP runs. LookSAM's steps between its SAM steps and interval SAM's plain
+# ones are among the 6 steps; ESAM selects (and keeps a subset of tensors).
+ONE_BATCH = dict(gsam=dict(gsam_rho_min=0.01), esam=dict(esam_beta=0.6, esam_gamma=0.5), fsam={}, vasso={}, samon={},
+                 asam_on={}, interval_sam=dict(sam_interval=2), looksam=dict(looksam_k=3), wsam={})
+
+
+@pytest.mark.parametrize("method", sorted(ONE_BATCH))
+def test_a_method_steps_alike_on_the_eager_and_the_grid_backend(method: str) -> None:
+    cfg = OptimConfig(name=method, lr=0.1, momentum=0.9, weight_decay=5e-4, wd_mode="loss", grad_clip=0.5,
+                      **ONE_BATCH[method])
+    nets, steps = [], []
+    for backend in ("eager", "grid"):
+        torch.manual_seed(0)  # ESAM's generator too
+        net = tiny_net()
+        base, opt = build_optimizer(net, cfg)
+        step_cfg = StepConfig.of(cfg)
+        if backend == "eager":
+            steps.append(TrainStep(net, base, opt, step_cfg))
+        else:
+            grid = GridStep([Member(net, base, opt, cfg.grad_clip)], step_cfg)
+            steps.append(lambda x, y, grid=grid: grid(x.unsqueeze(0), y.unsqueeze(0))[0])
+        nets.append(net)
+    generator = torch.Generator().manual_seed(1)
+    for t in range(6):
+        x = torch.randn(16, 3, 8, 8, dtype=torch.float64, generator=generator)
+        y = torch.randint(0, 5, (16,), generator=generator)
+        eager, grid = (step(x, y) for step in steps)
+        assert eager.count == grid.count and int(eager.correct) == int(grid.correct), t
+        assert abs(float(eager.loss_sum - grid.loss_sum)) < 1e-12, t
+        assert (eager.grad_norm is None) == (grid.grad_norm is None), t  # the same steps perturbed
+        for (name, a), b in zip(nets[0].state_dict().items(), nets[1].state_dict().values()):
+            assert float((a.double() - b.double()).abs().max()) < 1e-12, (t, name)
+    assert any(float((a - b).abs().max()) > 1e-3 for a, b in zip(tiny_net().state_dict().values(), nets[0].state_dict().values()))
