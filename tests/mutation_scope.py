@@ -27,16 +27,23 @@ import pytest
 
 # module (dotted; the longest matching prefix wins) -> the test files that may kill its mutants
 SCOPE: dict[str, tuple[str, ...]] = {
-    "sam_repro.optim.sam": ("tests/optim/test_sam.py", "tests/optim/test_sam_grouped.py", "tests/optim/test_sam_norms.py"),
-    "sam_repro.optim.factory": ("tests/optim/test_optim_factory.py", "tests/optim/test_sam_grouped.py", "tests/engine/test_step.py",
+    "sam_repro.optim.sam": ("tests/optim/test_sam.py", "tests/optim/test_sam_devices.py", "tests/optim/test_sam_norms.py"),
+    "sam_repro.optim.factory": ("tests/optim/test_optim_factory.py", "tests/optim/test_sam_devices.py", "tests/engine/test_step.py",
                                 "tests/report/test_report_methods.py"),  # passes_per_step: the report's column
     "sam_repro.engine.step": ("tests/engine/test_step.py", "tests/engine/test_per_device.py", "tests/optim/test_sam_norms.py",
                               "tests/engine/test_step_layouts.py", "tests/engine/test_step_grad_reduce.py"),
     "sam_repro.engine.passes": ("tests/engine/test_step.py", "tests/engine/test_per_device.py", "tests/optim/test_sam_norms.py",
                                 "tests/engine/test_step_layouts.py", "tests/engine/test_step_grad_reduce.py"),
-    "sam_repro.engine.eager": ("tests/engine/test_step.py", "tests/optim/test_sam_norms.py", "tests/engine/test_step_grad_reduce.py"),
+    "sam_repro.engine.eager": ("tests/engine/test_step.py", "tests/optim/test_sam_norms.py", "tests/engine/test_step_grad_reduce.py",
+                               "tests/optim/methods/test_methods_engine.py"),  # the methods take it on one device
     "sam_repro.engine.grid": ("tests/engine/test_step.py", "tests/engine/test_per_device.py", "tests/engine/test_step_layouts.py",
-                              "tests/engine/test_step_grad_reduce.py", "tests/optim/test_sam_norms.py"),
+                              "tests/engine/test_step_grad_reduce.py", "tests/optim/test_sam_norms.py",
+                              "tests/optim/methods/test_methods_engine.py", "tests/optim/methods/test_rwp_engine.py"),
+    # the SAM family: each rule against its naive reading, its reductions to SAM, the released code's
+    # trajectories (by the class and by the engine's step), its state
+    "sam_repro.optim.methods": ("tests/optim/methods/test_methods_rules.py", "tests/optim/methods/test_methods_reductions.py",
+                                "tests/optim/methods/test_methods_fixtures.py", "tests/optim/methods/test_methods_state.py",
+                                "tests/optim/methods/test_methods_engine.py", "tests/optim/methods/test_rwp_engine.py"),
     "sam_repro.engine.loop": ("tests/engine/test_loop.py", "tests/engine/test_packing.py"),
     "sam_repro.engine.packing": ("tests/engine/test_packing.py",),
     "sam_repro.engine.schedule": ("tests/engine/test_schedule.py",),

@@ -94,7 +94,7 @@ def average_batchnorm_stats(model: nn.Module, counted: bool = True) -> None:
 def average_gradients(grads: list[torch.Tensor]) -> None:
     """Replace every gradient by its mean over the ranks (one all-reduce of one flat buffer).
 
-    The per-device step's grouped path calls the module functionally, so DDP's own backward hooks do
+    The grid backend of the step calls the module functionally, so DDP's own backward hooks do
     not reduce its gradients; this does, once per step, after the perturbed pass."""
     flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat)

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor, nn
 
 from sam_repro.engine.passes import (Member, Passes, StepConfig, StepStats, add_l2_, apply_gradients, clip_norms,
-                                     member_stats, per_example_losses, running_stats_frozen, to_layout)
+                                     loss_scale, member_stats, per_example_losses, running_stats_frozen, to_layout)
 from sam_repro.optim.methods import MethodOptimizer
 from sam_repro.optim.methods.base import COMBINE_NONE, Needs
 
@@ -63,14 +63,6 @@ class EagerStep:
         self.method = member.sam if isinstance(member.sam, MethodOptimizer) else None
         self.needs = self.method.rule.needs if self.method is not None else Needs()
 
-    def loss_scale(self) -> Optional[Tensor]:
-        """fp16: the scale the gradients carry (the L2 term must carry it too); None otherwise."""
-        if self.scaler is None:
-            return None
-        if self.scaler._scale is None:  # the scaler creates its scale at its first scale() call
-            self.scaler.scale(torch.ones((), device=self.params[0].device))
-        return self.scaler._scale
-
     def _forward_backward(self, x: Tensor, y: Tensor, per_example: bool = False) -> tuple[Tensor, Tensor, Optional[Tensor]]:
         """(loss, logits, each example's loss when `per_example`), detached, after the backward."""
         losses = None
@@ -86,7 +78,7 @@ class EagerStep:
         return loss.detach(), logits.detach(), None if losses is None else losses.detach()
 
     def _add_l2(self) -> None:
-        add_l2_([p.grad for p in self.params], self.params, self.l2, self.loss_scale())
+        add_l2_([p.grad for p in self.params], self.params, self.l2, loss_scale(self.scaler, self.params[0].device))
 
     def _method_grads(self) -> list[Tensor]:
         """The method's parameters' gradients as its rule's (1, *shape) rows."""
@@ -120,7 +112,7 @@ class EagerStep:
 
     def __call__(self, x: Tensor, y: Tensor) -> StepStats:
         x = to_layout(x, self.cfg.channels_last)
-        sam, method, passes = self.member.sam, self.method, self.passes
+        sam, method, passes, images = self.member.sam, self.method, self.passes, int(y.shape[0])
         perturbs = sam is not None and (method is None or method.perturbs_now())
         selects = perturbs and self.needs.selects_examples and not method.rule.selects_all()
         passes.draws.capture()
@@ -140,12 +132,12 @@ class EagerStep:
                 loss, logits, _ = self._forward_backward(x, y)
             sam.unperturb()
             if self.needs.combine != COMBINE_NONE:  # one device: its own gradient is the mean over devices
-                method.grouped_combine(method.params, self._method_grads())
+                method.device_combine(method.params, self._method_grads())
         elif method is not None:  # a method's step without a perturbed pass (interval SAM, LookSAM)
-            method.grouped_plain(method.params, self._method_grads())
-        scale = self.loss_scale()
+            method.device_plain(method.params, self._method_grads())
+        scale = loss_scale(self.scaler, self.params[0].device)
         apply_gradients([self.member], [p.grad.unsqueeze(0) for p in self.params], self.max_norm, [True], self.scaler)
         if method is not None:
             method.finish_step()  # after the base step: WSAM's own move, counters, next draws
         correct = (logits.argmax(dim=1) == y).sum()
-        return member_stats(loss * y.shape[0], correct, int(y.shape[0]), sam if perturbs else None, scale)
+        return member_stats(loss * y.shape[0], correct, int(y.shape[0]), sam if perturbs else None, scale, images)

@@ -15,7 +15,7 @@ it per-device; here torch.func does the mapping over the (member, device) grid:
 - SGD: one forward of every cell with the member's weights shared by its devices, one backward: the
   mean of the devices' gradients, per member;
 - SAM: every cell's gradient at w (vmap of grad), L2 term included; each member's own SAM object
-  turns its rows into e (SAM.grouped_perturbation: its rho, one norm per device); then one forward
+  turns its rows into e (SAM.device_perturbations: its rho, one norm per device); then one forward
   of the P x k perturbed weight sets w + e_d and one backward. The loss summed over members has, in
   each member's rows, exactly that member's gradient: members never mix.
 - a method on two batches (RWP): the devices halved into clean ones at w and noisy ones at w + their
@@ -42,8 +42,8 @@ from torch.func import functional_call, grad, vmap
 from torch.utils._pytree import tree_map
 
 from sam_repro.engine.passes import (Member, Passes, StepConfig, StepStats, apply_gradients, batchnorm_buffers,
-                                     clip_norms, device_size, member_stats, per_example_losses, running_stats_frozen,
-                                     to_layout)
+                                     clip_norms, device_size, loss_scale, member_stats, per_example_losses,
+                                     running_stats_frozen, to_layout)
 from sam_repro.optim.methods import MethodOptimizer
 from sam_repro.optim.methods.base import COMBINE_ON_MEAN, COMBINE_PER_DEVICE, Needs
 
@@ -223,13 +223,6 @@ class GridStep:
         """Each member's mean cross-entropy over its batch, (P,) (in fp32 under autocast)."""
         return per_example_losses(logits, y, self.cfg.label_smoothing).view(logits.shape[0], -1).mean(dim=1)
 
-    def _loss_scale(self) -> Optional[Tensor]:
-        if self.scaler is None:
-            return None
-        if self.scaler._scale is None:  # the scaler creates its scale at its first scale() call
-            self.scaler.scale(torch.ones((), device=self.passes.device))
-        return self.scaler._scale
-
     def _backward(self, losses: Tensor, leaves: dict[str, Tensor], scale: Optional[Tensor]) -> None:
         """The members' gradients into the stacked .grad rows (the sum's gradient, row i, is member i's)."""
         total = losses.sum() if scale is None else losses.sum() * scale
@@ -265,7 +258,7 @@ class GridStep:
         yg = y.view(members, k, size)
         # one copy of the running statistics per (member, device), averaged after the step
         stats = {n: b.unsqueeze(1).expand(members, k, *b.shape[1:]).clone() for n, b in self.buffers.items()}
-        scale = self._loss_scale()
+        scale = loss_scale(self.scaler, self.passes.device)
         self.passes.draws.capture()
         reduced = False  # the gradients already averaged over processes (a method that combines on the mean)
         labels = yg  # of the examples the applied pass saw (ESAM: a subset)
@@ -297,7 +290,7 @@ class GridStep:
         loss_sums = losses.detach() * count
         correct = (logits.argmax(dim=-1) == labels).view(members, -1).sum(dim=1)
         # the logged gradient and perturbation norms: of the steps that perturbed
-        return [member_stats(loss_sums[i], correct[i], count, m.sam if perturbed else None, scale)
+        return [member_stats(loss_sums[i], correct[i], count, m.sam if perturbed else None, scale, batch)
                 for i, m in enumerate(self.members)]
 
     def _sgd(self, xg: Tensor, yg: Tensor, stats: dict[str, Tensor], scale: Optional[Tensor]) -> tuple[Tensor, Tensor]:
@@ -338,13 +331,13 @@ class GridStep:
             losses, logits = self._sgd(xg, yg, stats, scale)
             with torch.no_grad():
                 for i, member in enumerate(self.members):
-                    member.sam.grouped_plain(self.member_params[i], [self.grads[n][i:i + 1] for n in self.names])
+                    member.sam.device_plain(self.member_params[i], [self.grads[n][i:i + 1] for n in self.names])
             return losses, logits
         grad_w, loss, logits, _ = self._cell_gradients(self.weights, False, stats, xg, yg, scale)
         with torch.no_grad():
             self._add_l2(grad_w, lambda n: self.weights[n].unsqueeze(1), scale, per_device=True)
             for i, member in enumerate(self.members):  # each device's own gradient, the stored component added
-                member.sam.grouped_plain(self.member_params[i], [grad_w[n][i] for n in self.names])
+                member.sam.device_plain(self.member_params[i], [grad_w[n][i] for n in self.names])
             self._into_grads(grad_w)
         return loss.mean(1), logits
 
@@ -364,7 +357,7 @@ class GridStep:
             # per device), in the gradient's memory: from here on that memory holds e
             e = grad_w
             for i, member in enumerate(self.members):
-                member.sam.grouped_perturbation(self.member_params[i], [e[n][i] for n in self.names])
+                member.sam.device_perturbations(self.member_params[i], [e[n][i] for n in self.names])
         if needs.selects_examples:  # ESAM: the perturbed pass on the examples whose loss rose most
             xg, yg = self._selected_examples(e, stats, xg, yg, per_example_w)
         # 3. at the P x k perturbed weight sets
@@ -376,7 +369,7 @@ class GridStep:
             with torch.no_grad():
                 self._add_l2(grad_e, lambda n: self.weights[n].unsqueeze(1) + e[n], scale, per_device=True)
                 for i, member in enumerate(self.members):
-                    member.sam.grouped_combine(self.member_params[i], [grad_e[n][i] for n in self.names])
+                    member.sam.device_combine(self.member_params[i], [grad_e[n][i] for n in self.names])
                 self._into_grads(grad_e)
             return loss.mean(1), logits, yg, False
         leaves = {n: w.detach().requires_grad_() for n, w in self.weights.items()}
@@ -394,7 +387,7 @@ class GridStep:
                 own = [self.grads[n][i:i + 1] for n in self.names]
                 if self.grad_reduce is not None:
                     self.grad_reduce(own + list(member.sam.rule.kept_first_gradient(member.sam.method_state)))
-                member.sam.grouped_combine(self.member_params[i], own)
+                member.sam.device_combine(self.member_params[i], own)
         return losses.detach(), logits.detach(), yg, self.grad_reduce is not None
 
     def _two_batches(self, xg: Tensor, yg: Tensor, stats: dict[str, Tensor],
@@ -408,14 +401,14 @@ class GridStep:
         noise = {n: w.new_zeros((members, k, *w.shape[1:])) for n, w in self.weights.items()}  # zero: clean devices
         with torch.no_grad():
             for i, member in enumerate(self.members):  # each member draws from its own generator
-                member.sam.grouped_noise(self.member_params[i], [noise[n][i, halves.clean:] for n in self.names],
+                member.sam.device_noise(self.member_params[i], [noise[n][i, halves.clean:] for n in self.names],
                                          halves.noise_rows, halves.noise_total)
         weights = {n: self.weights[n].detach().unsqueeze(1) + noise[n] for n in self.names}
         grads, loss, logits, _ = self._cell_gradients(weights, True, stats, xg, yg, scale)
         with torch.no_grad():
             self._add_l2(grads, lambda n: weights[n], scale, per_device=True)
             for i, member in enumerate(self.members):
-                member.sam.grouped_mix(self.member_params[i], [grads[n][i] for n in self.names],
+                member.sam.device_mix(self.member_params[i], [grads[n][i] for n in self.names],
                                        [noise[n][i] for n in self.names], halves.clean)
             self._into_grads(grads)
         return loss.mean(1), logits, halves.clean if self.cfg.bn_stats == "first_pass" else k

@@ -79,6 +79,7 @@ class Period:
         self.loss_sum = torch.zeros((), device=device, dtype=torch.float64)
         self.correct = torch.zeros((), device=device, dtype=torch.long)
         self.seen, self.steps, self.epochs, self.train_s, self.eval_s, self.lr = 0, 0, 0, 0.0, 0.0, 0.0
+        self.images = 0  # the batches' examples (`seen`: those the training sums are over; ESAM's subsets)
         # SAM: sums of the per-step gradient norm at w and perturbation norm ||e|| (steps that had them)
         self.grad_norm_sum = torch.zeros((), device=device, dtype=torch.float64)
         self.e_norm_sum = torch.zeros((), device=device, dtype=torch.float64)
@@ -89,6 +90,7 @@ class Period:
         self.loss_sum += stats.loss_sum
         self.correct += stats.correct
         self.seen += stats.count
+        self.images += stats.images or stats.count
         self.steps += 1
         if stats.grad_norm is not None:
             self.grad_norm_sum += stats.grad_norm
@@ -309,12 +311,12 @@ class Run:
         """The metrics.jsonl row of the epochs in `period`: training sums and the evaluations `measured`."""
         rt = self.runtime
         start = time.perf_counter()
-        totals = torch.stack([period.loss_sum, period.correct.double(),
-                              torch.tensor(float(period.seen), device=rt.device, dtype=torch.float64),
-                              period.grad_norm_sum, period.e_norm_sum])
+        counts = torch.tensor([float(period.seen), float(period.images)], device=rt.device, dtype=torch.float64)
+        totals = torch.cat([torch.stack([period.loss_sum, period.correct.double()]), counts,
+                            torch.stack([period.grad_norm_sum, period.e_norm_sum])])
         if rt.distributed:
             torch.distributed.all_reduce(totals)
-        loss_total, correct_total, seen_total, grad_norm_total, e_norm_total = totals.tolist()  # the interval's one sync
+        loss_total, correct_total, seen_total, images_total, grad_norm_total, e_norm_total = totals.tolist()  # one sync
         row: dict[str, Any] = {"epoch": epoch, "lr": period.lr, "train_loss": loss_total / seen_total,
                                "train_err": 100.0 - 100.0 * correct_total / seen_total}
         if period.norm_steps:  # SAM: means over the interval's steps (and replicas)
@@ -327,7 +329,7 @@ class Run:
             row["test_top5_err"] = measured["test"]["top5_err"]
         elapsed = period.train_s + period.eval_s + time.perf_counter() - start
         progress.wall_s += elapsed
-        row.update(epoch_s=round(elapsed / period.epochs, 3), images_per_s=round(seen_total / period.train_s, 1))
+        row.update(epoch_s=round(elapsed / period.epochs, 3), images_per_s=round(images_total / period.train_s, 1))
         return row
 
     def close(self) -> None:

@@ -1,6 +1,6 @@
 """What the two backends of the step share: everything before the forward and after the backward.
 
-The step (engine/step.py) splits a run's batch into devices: groups of `device_batch` examples
+The step (engine/step.py) splits a run's batch into devices: sets of `device_batch` examples
 (SAM: `m` when it is smaller) that each behave like one of the paper's devices: BatchNorm normalizes
 each device's examples alone, and SAM perturbs each device with its own gradient. Its backends, the
 eager one (engine/eager.py) and the grid one (engine/grid.py), share from here:
@@ -66,6 +66,9 @@ class StepStats:
     # L2 term included) and the perturbation norm ||e||
     grad_norm: Optional[Tensor] = None
     perturbation_norm: Optional[Tensor] = None
+    # the examples of the step's batch (the throughput counts them), when the sums are over fewer: the
+    # subset ESAM's perturbed pass saw; 0: `count`
+    images: int = 0
 
 
 @dataclass
@@ -202,15 +205,26 @@ def apply_gradients(members: Sequence[Member], grads: Sequence[Tensor], max_norm
         member.optimizer.zero_grad(set_to_none=False)
 
 
+def loss_scale(scaler: Optional[torch.amp.GradScaler], device: torch.device) -> Optional[Tensor]:
+    """fp16: the scale the gradients carry (an L2 term added to them must carry it too); None otherwise."""
+    if scaler is None:
+        return None
+    if scaler._scale is None:  # the scaler creates its scale at its first scale() call
+        scaler.scale(torch.ones((), device=device))
+    return scaler._scale
+
+
 def member_stats(loss_sum: Tensor, correct: Tensor, count: int, sam: Optional[SAM | MethodOptimizer],
-                 loss_scale: Optional[Tensor]) -> StepStats:
-    """One member's StepStats; SAM's logged gradient norm at w without the fp16 loss scale."""
+                 loss_scale: Optional[Tensor], images: int = 0) -> StepStats:
+    """One member's StepStats (`images`: the batch's examples where `count` is a subset of them); SAM's
+    logged gradient norm at w without the fp16 loss scale."""
     grad_norm = e_norm = None
     if sam is not None and sam.last_grad_norm is not None:
         grad_norm, e_norm = sam.last_grad_norm, sam.last_perturbation_norm
         if loss_scale is not None:  # the gradients carry the loss scale (e does not)
             grad_norm = grad_norm / loss_scale.to(grad_norm.device)
-    return StepStats(loss_sum=loss_sum, correct=correct, count=count, grad_norm=grad_norm, perturbation_norm=e_norm)
+    return StepStats(loss_sum=loss_sum, correct=correct, count=count, grad_norm=grad_norm, perturbation_norm=e_norm,
+                     images=images)
 
 
 class Passes:

@@ -10,7 +10,7 @@ groups, all devices), or rho * sign(g) for p = inf, or, with adaptive=True (ASAM
 a group with `adaptive_scale=False` takes T = 1 (the official ASAM code scales only parameters
 whose name contains `weight`: the optimizer factory puts biases in such a group).
 
-`grouped_perturbation` computes the same e(w) for k groups of examples at once (the per-device
+`device_perturbations` computes the same e(w) for k devices at once (the per-device
 step: each device perturbs with its own gradient); tests hold it equal to `first_step`.
 
 Why it is fast: every operation is a multi-tensor `torch._foreach_*` kernel over all parameters of
@@ -58,8 +58,8 @@ def _combine(norms: list[Tensor]) -> Tensor:
     return torch.linalg.vector_norm(torch.stack([n.to(anchor, torch.float32) for n in norms]), 2)
 
 
-def _group_norms(grads: list[Tensor], k: int) -> Tensor:
-    """(k,): the 2-norm of each group's slice over every tensor (each tensor is (k, *shape))."""
+def _device_norms(grads: list[Tensor], k: int) -> Tensor:
+    """(k,): the 2-norm of each device's slice over every tensor (each tensor is (k, *shape))."""
     rows = [row for grad in grads for row in grad.unbind(0)]
     acc = torch.promote_types(grads[0].dtype, torch.float32)
     return torch.stack(torch._foreach_norm(rows, 2, dtype=acc)).view(len(grads), k).square().sum(dim=0).sqrt()
@@ -207,29 +207,29 @@ class SAM(torch.optim.Optimizer):
         return loss
 
     @torch.no_grad()
-    def grouped_perturbation(self, params: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
-        """e(w) for k groups at once, each from its own gradient: `grads[i]` is (k, *params[i].shape),
-        the k groups' gradients of `params[i]` at w (L2 term included). Returns the k perturbations
+    def device_perturbations(self, params: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
+        """e(w) for k devices at once, each from its own gradient: `grads[i]` is (k, *params[i].shape),
+        the k devices' gradients of `params[i]` at w (L2 term included). Returns the k perturbations
         per parameter, built in place in `grads`. The same formula as `first_step` (p = 2 with one norm
-        per group over all parameters, p = inf, ASAM), batched over the leading dimension: a handful
+        per device over all parameters, p = inf, ASAM), batched over the leading dimension: a handful
         of kernels whatever k is, and no host synchronization."""
         self._check_group_settings()
         k = grads[0].shape[0]
         settings = self._settings_of(params)
         adaptive, p_norm = self.param_groups[0]["adaptive"], self.param_groups[0]["p"]
-        # the logged norms (last_grad_norm, last_perturbation_norm): means over the k groups
-        self.last_grad_norm = _group_norms(grads, k).mean()
+        # the logged norms (last_grad_norm, last_perturbation_norm): means over the k devices
+        self.last_grad_norm = _device_norms(grads, k).mean()
         if p_norm != 2:  # p = inf: e = rho * sign(g), per element
             for grad, g in zip(grads, settings):
                 grad.sign_().mul_(g["rho"])
-            self.last_perturbation_norm = _group_norms(grads, k).mean()
+            self.last_perturbation_norm = _device_norms(grads, k).mean()
             return grads
-        # T = |w| + eta for scaled ASAM parameters (None: T = 1); broadcast over the k groups
+        # T = |w| + eta for scaled ASAM parameters (None: T = 1); broadcast over the k devices
         t = [(w.abs() + g["eta"]) if adaptive and g.get("adaptive_scale", True) else None for w, g in zip(params, settings)]
         for grad, ti in zip(grads, t):
             if ti is not None:
                 grad.mul_(ti)  # T g
-        # one norm per group over every parameter: the squared norms of the k rows of each tensor
+        # one norm per device over every parameter: the squared norms of the k rows of each tensor
         rows = [row for grad in grads for row in grad.unbind(0)]
         acc = torch.promote_types(grads[0].dtype, torch.float32)
         squares = torch.stack(torch._foreach_norm(rows, 2, dtype=acc)).view(len(grads), k).square()
@@ -240,7 +240,7 @@ class SAM(torch.optim.Optimizer):
             grad.mul_(scale)
             if ti is not None:
                 grad.mul_(ti)  # rho * T^2 g / ||T g||
-        self.last_perturbation_norm = _group_norms(grads, k).mean()
+        self.last_perturbation_norm = _device_norms(grads, k).mean()
         return grads
 
     def _settings_of(self, params: list[Tensor]) -> list[dict[str, Any]]:

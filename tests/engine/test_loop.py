@@ -231,7 +231,9 @@ def test_period_sums_on_the_device_and_counts_the_steps_with_sam_norms() -> None
     period = Period(torch.device("cpu"))
     period.add(StepStats(torch.tensor(2.0), torch.tensor(3), 4, torch.tensor(1.5), torch.tensor(0.25)))
     period.add(StepStats(torch.tensor(1.0), torch.tensor(1), 4))
-    assert (float(period.loss_sum), int(period.correct), period.seen, period.steps) == (3.0, 4, 8, 2)
+    period.add(StepStats(torch.tensor(0.5), torch.tensor(1), 3, images=8))  # ESAM: sums over 3 of the batch's 8
+    assert (float(period.loss_sum), int(period.correct), period.seen, period.steps) == (3.5, 5, 11, 3)
+    assert period.images == 16  # the throughput counts every example of every batch
     assert (float(period.grad_norm_sum), float(period.e_norm_sum), period.norm_steps) == (1.5, 0.25, 1)
     assert period.loss_sum.dtype == torch.float64
 

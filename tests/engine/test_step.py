@@ -377,7 +377,7 @@ def test_stats_come_from_the_applied_pass() -> None:
 # -- fp16's GradScaler: a loss scale must change nothing but the backward's magnitude -----------
 @pytest.mark.parametrize("name, kw", [
     ("sgd", {}), ("sam", {}), ("sgd", {"device_batch": 4}),
-    ("sam", {"device_batch": 4}),  # the grouped path read the scale before the scaler created it (fixed)
+    ("sam", {"device_batch": 4}),  # the grid backend read the scale before the scaler created it (fixed)
     ("sam", {"m": 2}),
 ], ids=["sgd", "sam", "sgd-per-device", "sam-per-device", "sam-m2"])
 def test_a_grad_scaler_steps_like_no_scaler(name: str, kw: dict) -> None:
@@ -553,7 +553,7 @@ def test_a_root_batchnorm_keeps_its_weights_in_float32_under_bf16_on_the_per_dev
 
 def test_the_per_device_path_calls_the_plain_module_never_its_wrapper() -> None:
     """Under DDP or torch.compile the step gets the wrapper as `model` and the plain module as `module`:
-    the grouped path must call the plain module functionally (a DDP forward would all-reduce inside
+    the grid backend must call the plain module functionally (a DDP forward would all-reduce inside
     vmap) and still train the same weights."""
     class Wrapper(nn.Module):
         def __init__(self, inner: nn.Module) -> None:

@@ -484,11 +484,11 @@ def test_bf16_gradient_norms_are_accumulated_and_kept_in_float32(p: float, adapt
     assert abs(float(opt.last_grad_norm) - float(ref)) <= 1e-6 * float(ref)
 
 
-def test_grouped_perturbation_logs_float32_norms_of_bf16_gradients() -> None:
+def test_device_perturbations_logs_float32_norms_of_bf16_gradients() -> None:
     torch.manual_seed(0)
     w = nn.Parameter(torch.randn(4096, dtype=torch.bfloat16))
     opt = SAM([w], torch.optim.SGD, rho=0.05, lr=LR)
     grads = torch.randn(3, 4096, dtype=torch.bfloat16) * 100
     ref = grads.double().norm(dim=1).mean()
-    opt.grouped_perturbation([w], [grads.clone()])
+    opt.device_perturbations([w], [grads.clone()])
     assert abs(float(opt.last_grad_norm) - float(ref)) <= 1e-6 * float(ref)

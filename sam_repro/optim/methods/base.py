@@ -181,10 +181,10 @@ class MethodOptimizer(torch.optim.Optimizer):
         return self.rule.perturbs(self.method_state)
 
     @torch.no_grad()
-    def grouped_perturbation(self, params: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
+    def device_perturbations(self, params: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
         """e for k devices at once, in place in `grads` (each (k, *shape): the devices' gradients at w of
         `params`, in any order): the engine's per-device call, with the signature of
-        `SAM.grouped_perturbation`."""
+        `SAM.device_perturbations`."""
         ours, work = self.ordered(params, grads)
         norm = self.rule.perturbation(ours, work, self.method_state, self.lr)
         self.last_grad_norm = norm.mean()
@@ -192,19 +192,19 @@ class MethodOptimizer(torch.optim.Optimizer):
         return grads
 
     @torch.no_grad()
-    def grouped_combine(self, params: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
+    def device_combine(self, params: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
         """The applied gradients (k, *shape) from the gradients at w + e of `params`, in place."""
         self.rule.combine(self.ordered(params, grads)[1], self.method_state)
         return grads
 
     @torch.no_grad()
-    def grouped_plain(self, params: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
+    def device_plain(self, params: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
         """The applied gradients of a step without a perturbed pass, from the gradients at w, in place."""
         self.rule.plain(self.ordered(params, grads)[1], self.method_state)
         return grads
 
     @torch.no_grad()
-    def grouped_noise(self, params: list[Tensor], out: list[Tensor], rows: slice, total: int) -> list[Tensor]:
+    def device_noise(self, params: list[Tensor], out: list[Tensor], rows: slice, total: int) -> list[Tensor]:
         """`needs.two_batches`: the noise of `total` noisy devices drawn (every process draws all of them, so
         that one generator state, the one a checkpoint saves, serves every process), rows `rows` of it
         written into `out` ((rows, *shape) beside each of `params`, in any order)."""
@@ -214,7 +214,7 @@ class MethodOptimizer(torch.optim.Optimizer):
         return out
 
     @torch.no_grad()
-    def grouped_mix(self, params: list[Tensor], grads: list[Tensor], noise: list[Tensor], clean: int) -> list[Tensor]:
+    def device_mix(self, params: list[Tensor], grads: list[Tensor], noise: list[Tensor], clean: int) -> list[Tensor]:
         """`needs.two_batches`: `grads` (k, *shape), devices [0, clean) at w and the others at w + `noise`,
         weighted in place so that their mean over the devices (and processes) is the applied gradient.
         The logged norms: the clean gradients' mean norm and the noise's, over every process's devices (the
@@ -277,7 +277,7 @@ class MethodOptimizer(torch.optim.Optimizer):
         return True
 
     def _perturb(self, work: list[Tensor]) -> None:
-        self.grouped_perturbation(self._params, work)
+        self.device_perturbations(self._params, work)
         self._save_weights()
         torch._foreach_add_(self._params, [e[0] for e in work])
         self._perturbed = True
@@ -295,9 +295,9 @@ class MethodOptimizer(torch.optim.Optimizer):
         grads = self._grads()
         if self._perturbed:
             self.unperturb()
-            self.grouped_combine(self._params, grads)
+            self.device_combine(self._params, grads)
         else:
-            self.grouped_plain(self._params, grads)
+            self.device_plain(self._params, grads)
         self.base_optimizer.step()
         self.finish_step()
         if zero_grad:

@@ -110,7 +110,7 @@ class GSAM(MethodOptimizer):
             self._rho = None
 
     @torch.no_grad()
-    def grouped_perturbation(self, params: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
+    def device_perturbations(self, params: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
         ours, work = self.ordered(params, grads)
         rho = self.rule.rho(self.lr) if self._rho is None else self._rho
         norm = self.rule.perturb_with_rho(ours, work, self.method_state, rho)

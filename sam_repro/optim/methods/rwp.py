@@ -113,9 +113,9 @@ class RWP(MethodOptimizer):
             self._noise = None
 
     @torch.no_grad()
-    def grouped_perturbation(self, params: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
+    def device_perturbations(self, params: list[Tensor], grads: list[Tensor]) -> list[Tensor]:
         if self._noise is None:
-            return super().grouped_perturbation(params, grads)
+            return super().device_perturbations(params, grads)
         _, work = self.ordered(params, grads)  # the noise is given in the method's order
         norm = self.rule.perturb_with(work, [n.unsqueeze(0) for n in self._noise], self.method_state)
         self.last_grad_norm, self.last_perturbation_norm = norm.mean(), device_norms(work).mean()

@@ -166,6 +166,7 @@ def test_a_method_steps_alike_on_the_eager_and_the_grid_backend(method: str) -> 
         y = torch.randint(0, 5, (16,), generator=generator)
         eager, grid = (step(x, y) for step in steps)
         assert eager.count == grid.count and int(eager.correct) == int(grid.correct), t
+        assert eager.images == grid.images == 16 and (method == "esam") == (eager.count < 16), t  # ESAM: a subset
         assert abs(float(eager.loss_sum - grid.loss_sum)) < 1e-12, t
         assert (eager.grad_norm is None) == (grid.grad_norm is None), t  # the same steps perturbed
         for (name, a), b in zip(nets[0].state_dict().items(), nets[1].state_dict().values()):

@@ -37,16 +37,16 @@ def test_a_per_device_method_over_k_devices_is_k_single_devices(name: str) -> No
         at_w, at_e = device_grads(together, k, 2 * step), device_grads(together, k, 2 * step + 1)
         perturbs = together.perturbs_now()
         assert all(a.perturbs_now() == perturbs for a in alone)
-        e = together.grouped_perturbation(together.params, [g.clone() for g in at_w]) if perturbs else None
-        applied = (together.grouped_combine(together.params, [g.clone() for g in at_e]) if perturbs
-                   else together.grouped_plain(together.params, [g.clone() for g in at_w]))
+        e = together.device_perturbations(together.params, [g.clone() for g in at_w]) if perturbs else None
+        applied = (together.device_combine(together.params, [g.clone() for g in at_e]) if perturbs
+                   else together.device_plain(together.params, [g.clone() for g in at_w]))
         for d, one in enumerate(alone):
             if perturbs:
-                e_d = one.grouped_perturbation(one.params, [g[d:d + 1].clone() for g in at_w])
+                e_d = one.device_perturbations(one.params, [g[d:d + 1].clone() for g in at_w])
                 assert all(torch.allclose(x[d:d + 1], y, rtol=0, atol=1e-15) for x, y in zip(e, e_d))
-                a_d = one.grouped_combine(one.params, [g[d:d + 1].clone() for g in at_e])
+                a_d = one.device_combine(one.params, [g[d:d + 1].clone() for g in at_e])
             else:
-                a_d = one.grouped_plain(one.params, [g[d:d + 1].clone() for g in at_w])
+                a_d = one.device_plain(one.params, [g[d:d + 1].clone() for g in at_w])
             assert all(torch.allclose(x[d:d + 1], y, rtol=0, atol=1e-15) for x, y in zip(applied, a_d))
             one.finish_step()
         together.finish_step()
@@ -64,11 +64,11 @@ def test_the_engine_may_hand_the_tensors_in_its_own_order(name: str) -> None:
         a.method_state["generator"] = torch.Generator().manual_seed(0)
     for step in range(2):
         at_w, at_e = device_grads(a, k, 2 * step), device_grads(a, k, 2 * step + 1)
-        e = a.grouped_perturbation(a.params, [g.clone() for g in at_w])
-        e_rev = b.grouped_perturbation(b.params[::-1], [g.clone() for g in at_w[::-1]])
+        e = a.device_perturbations(a.params, [g.clone() for g in at_w])
+        e_rev = b.device_perturbations(b.params[::-1], [g.clone() for g in at_w[::-1]])
         assert all(torch.equal(x, y) for x, y in zip(e, e_rev[::-1]))
-        c = a.grouped_combine(a.params, [g.clone() for g in at_e])
-        c_rev = b.grouped_combine(b.params[::-1], [g.clone() for g in at_e[::-1]])
+        c = a.device_combine(a.params, [g.clone() for g in at_e])
+        c_rev = b.device_combine(b.params[::-1], [g.clone() for g in at_e[::-1]])
         assert all(torch.equal(x, y) for x, y in zip(c, c_rev[::-1]))
         a.finish_step()
         b.finish_step()
@@ -80,8 +80,8 @@ def test_vasso_over_k_devices_perturbs_all_of_them_with_the_mean_gradient() -> N
     together, one = BUILDERS["vasso"](tiny_net()), BUILDERS["vasso"](tiny_net())
     for step in range(3):
         grads = device_grads(together, k, step)
-        e = together.grouped_perturbation(together.params, [g.clone() for g in grads])
-        e_mean = one.grouped_perturbation(one.params, [g.mean(0, keepdim=True) for g in grads])
+        e = together.device_perturbations(together.params, [g.clone() for g in grads])
+        e_mean = one.device_perturbations(one.params, [g.mean(0, keepdim=True) for g in grads])
         for x, y in zip(e, e_mean):
             assert torch.allclose(x, y.expand_as(x), rtol=0, atol=1e-15)
 
@@ -90,8 +90,8 @@ def test_wsam_over_k_devices_perturbs_per_device_and_combines_the_clipped_means(
     k, max_norm, alpha = 3, 0.4, 0.88 / 0.12
     opt = WSAM(tiny_net().parameters(), torch.optim.SGD, rho=0.05, gamma=0.88, max_norm=max_norm, **SGD_KWARGS)
     at_w, at_e = device_grads(opt, k, 0), device_grads(opt, k, 1)
-    e = opt.grouped_perturbation(opt.params, [g.clone() for g in at_w])
-    applied = opt.grouped_combine(opt.params, [g.clone() for g in at_e])
+    e = opt.device_perturbations(opt.params, [g.clone() for g in at_w])
+    applied = opt.device_combine(opt.params, [g.clone() for g in at_e])
 
     def clipped_mean(grads: list[torch.Tensor]) -> list[torch.Tensor]:
         mean = [g.mean(0) for g in grads]
@@ -113,7 +113,7 @@ def test_wsam_over_k_devices_perturbs_per_device_and_combines_the_clipped_means(
 
 def test_rwp_draws_independent_noise_for_each_device() -> None:
     opt = BUILDERS["rwp"](tiny_net())
-    e = opt.grouped_perturbation(opt.params, device_grads(opt, 2, 0))
+    e = opt.device_perturbations(opt.params, device_grads(opt, 2, 0))
     assert all(not torch.equal(x[0], x[1]) for x in e)
 
 
@@ -198,7 +198,7 @@ def test_gsam_perturbation_forms(form: str) -> None:
         group["lr"] = 0.05  # halfway: rho_t = 0.2
     w = [p.detach().clone() for p in opt.params]
     g = device_grads(opt, 1, 0)
-    e = opt.grouped_perturbation(opt.params, [x.clone() for x in g])
+    e = opt.device_perturbations(opt.params, [x.clone() for x in g])
     if form == "pytorch":
         n = math.sqrt(sum(float(((wi * gi[0]) ** 2).sum()) for wi, gi in zip(w, g)))
         want = [0.2 * wi * wi * gi[0] / (n + 1e-12) for wi, gi in zip(w, g)]
@@ -218,8 +218,8 @@ def test_gsam_rho_is_rho_max_when_the_lr_never_moves() -> None:
 def test_wsam_coupled_hands_the_weighted_sum_to_the_base_optimizer() -> None:
     opt = WSAM(tiny_net().parameters(), torch.optim.SGD, rho=0.05, gamma=0.6, max_norm=None, decouple=False, **SGD_KWARGS)
     at_w, at_e = device_grads(opt, 1, 0), device_grads(opt, 1, 1)
-    opt.grouped_perturbation(opt.params, [g.clone() for g in at_w])
-    applied = opt.grouped_combine(opt.params, [g.clone() for g in at_e])
+    opt.device_perturbations(opt.params, [g.clone() for g in at_w])
+    applied = opt.device_combine(opt.params, [g.clone() for g in at_e])
     alpha = 0.6 / 0.4
     assert all(torch.allclose(a, alpha * b + (1 - alpha) * c, rtol=0, atol=1e-15) for a, b, c in zip(applied, at_e, at_w))
 

@@ -92,6 +92,6 @@ def test_a_per_device_state_refuses_another_device_count() -> None:
     net = tiny_net()
     opt = BUILDERS["fsam"](net)
     params = opt.params
-    opt.grouped_perturbation(params, [torch.randn(2, *p.shape, dtype=p.dtype) for p in params])
+    opt.device_perturbations(params, [torch.randn(2, *p.shape, dtype=p.dtype) for p in params])
     with pytest.raises(ValueError, match="holds 2 devices, the step has 3"):
-        opt.grouped_perturbation(params, [torch.randn(3, *p.shape, dtype=p.dtype) for p in params])
+        opt.device_perturbations(params, [torch.randn(3, *p.shape, dtype=p.dtype) for p in params])

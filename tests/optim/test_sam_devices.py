@@ -36,13 +36,13 @@ def per_group_grads(net: nn.Module, k: int, seed: int = 3) -> list[torch.Tensor]
 
 @pytest.mark.parametrize("p, adaptive, eta", [(2, False, 0.0), (math.inf, False, 0.0), (2, True, 0.01)],
                          ids=["p2", "pinf", "asam"])
-def test_grouped_perturbation_equals_first_step_for_each_group(p: float, adaptive: bool, eta: float) -> None:
+def test_device_perturbations_equals_first_step_for_each_group(p: float, adaptive: bool, eta: float) -> None:
     net = make_net()
     opt = SAM(groups_of(net), torch.optim.SGD, rho=0.1, p=p, adaptive=adaptive, eta=eta, eps=0.0, lr=0.1)
     params = list(net.parameters())
     k = 3
     grads = per_group_grads(net, k)
-    grouped = opt.grouped_perturbation(params, [g.clone() for g in grads])
+    per_device = opt.device_perturbations(params, [g.clone() for g in grads])
     for j in range(k):
         w = [q.detach().clone() for q in params]
         for q, g in zip(params, grads):
@@ -50,13 +50,13 @@ def test_grouped_perturbation_equals_first_step_for_each_group(p: float, adaptiv
         opt.first_step()
         e = [q.detach() - w0 for q, w0 in zip(params, w)]
         opt.unperturb()
-        for got, want in zip(grouped, e):
+        for got, want in zip(per_device, e):
             torch.testing.assert_close(got[j], want, rtol=1e-9, atol=1e-15)
     # each group's e has its own norm: rho for p = 2 however large its gradient
     if p == 2 and not adaptive:
         rho_of = [0.05] * 4 + [0.2, 0.2]
         for j in range(k):
-            scaled_back = math.sqrt(sum(float(((e[j] / r) ** 2).sum()) for e, r in zip(grouped, rho_of)))
+            scaled_back = math.sqrt(sum(float(((e[j] / r) ** 2).sum()) for e, r in zip(per_device, rho_of)))
             assert scaled_back == pytest.approx(1.0, rel=1e-9)
 
 
