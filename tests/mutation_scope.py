@@ -100,6 +100,9 @@ SKIP: dict[str, str] = {
     "tests/models/test_models.py::test_forward_backward_gives_finite_grad_on_every_parameter[resnet5": "cost",
     "tests/models/test_models.py::test_forward_backward_gives_finite_grad_on_every_parameter[wrn16_8": "cost",
     "tests/models/test_models.py::test_one_channel_28px_input[": "cost",
+    # in mutmut's copy of the tree the second W&B session's run file is complete only ~3 s after
+    # wandb.teardown() returns (read then, it holds every step); `make test` runs it
+    "tests/trackers/test_trackers_adapters.py::test_wandb_one_run_id_every_epoch_once_config_and_summary": "W&B writer",
     # a sam-train subprocess, which an in-process mutant never reaches (it would only cost time)
     "tests/data/test_imagenet.py::test_missing_imagenet_exits_2": "subprocess",
     "tests/trackers/test_trackers.py::test_a_missing_extra_is_one_line_and_exit_2": "subprocess",
