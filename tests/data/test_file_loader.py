@@ -72,6 +72,13 @@ def test_train_transform_steps_follow_the_augment_config(tmp_path: Path) -> None
                      T.PILToTensor()])
     torch.manual_seed(2)
     assert all(torch.equal(c, ref(img)) for c in crops)
+    reflect = AugmentConfig(crop=True, padding=3, pad_mode="reflect", flip=False)  # the pad mode reaches RandomCrop
+    torch.manual_seed(5)
+    got = [train_transform(reflect, 24)(img) for _ in range(6)]
+    ref = T.Compose([T.Resize(27), T.CenterCrop(24), T.RandomCrop(24, padding=3, padding_mode="reflect"),
+                     T.PILToTensor()])
+    torch.manual_seed(5)
+    assert all(torch.equal(a, ref(img)) for a in got)
     with pytest.raises(DataError, match="augment.padding=24 must be in"):
         train_transform(AugmentConfig(crop=True, padding=24), 24)
 
@@ -190,3 +197,33 @@ def test_file_eval_loader_defaults_and_geometry(bundle) -> None:
     refb = torch.stack([geometry(load_image(bundle.test.path(i)), 24, bundle.crop_pct, TF.InterpolationMode.BICUBIC)
                         for i in range(8)])
     assert torch.allclose(xb, normalize(refb, scale, shift), atol=1e-6) and not torch.allclose(xb, x)
+
+
+def test_file_loaders_put_every_batch_on_the_requested_device(bundle) -> None:
+    """Images, labels and the normalization coefficients all follow `device`. The meta device stands
+    in for an accelerator on any CPU: a tensor left on the CPU shows, or fails to mix with the rest."""
+    meta = torch.device("meta")
+    train = make_train_loader(bundle.train, bundle, PLAIN, 4, meta, seed=0, kind="files", num_workers=0)
+    evaluation = make_eval_loader(bundle.test, bundle, 3, meta)
+    for loader, n in ((train, 4), (evaluation, 3)):
+        got = list(loader)
+        assert len(got) == n and all(x.device == meta and y.device == meta and x.shape[1:] == (3, 24, 24)
+                                     for x, y in got)
+
+
+def test_file_eval_loader_decodes_in_the_worker_count_asked_for(bundle, monkeypatch) -> None:
+    """make_eval_loader's num_workers (default 0) reaches the DataLoader that decodes the files."""
+    asked = []
+
+    class Spy(torch.utils.data.DataLoader):
+        def __init__(self, *args, **kw):
+            asked.append(kw.get("num_workers", 0))
+            super().__init__(*args, **kw)
+
+    monkeypatch.setattr(torch.utils.data, "DataLoader", Spy)
+    for workers in (None, 0, 1):
+        kw = {} if workers is None else {"num_workers": workers}
+        loader = make_eval_loader(bundle.test, bundle, 4, CPU, **kw)
+        assert loader.num_workers == (workers or 0)
+        assert torch.equal(torch.cat([y for _, y in loader]), bundle.test.labels)
+    assert asked == [0, 0, 1]

@@ -155,3 +155,21 @@ def test_argument_checks_at_their_edges(bundle) -> None:
     assert len(list(make_eval_loader(bundle.test, bundle, 1, CPU))) == 20
     with pytest.raises(DataError, match="eval batch size 0 must be >= 1"):
         make_eval_loader(bundle.test, bundle, 0, CPU)
+
+
+def test_array_loaders_put_every_batch_on_the_requested_device(bundle) -> None:
+    """Images, labels and the normalization coefficients all follow `device`. The meta device stands
+    in for an accelerator on any CPU: a tensor left on the CPU shows, or fails to mix with the rest."""
+    meta = torch.device("meta")
+    workers = make_train_loader(bundle.train, bundle, AugmentConfig(), 8, meta, seed=0, kind="workers", num_workers=0)
+    evaluation = make_eval_loader(bundle.test, bundle, 8, meta)
+    for loader, n in ((workers, 12), (evaluation, 3)):
+        got = list(loader)
+        assert len(got) == n and all(x.device == meta and y.device == meta and x.shape[1:] == (3, 12, 12)
+                                     for x, y in got)
+
+
+def test_make_train_loader_passes_the_worker_count_and_defaults_to_4(bundle) -> None:
+    make = lambda **kw: make_train_loader(bundle.train, bundle, AugmentConfig(), 8, CPU, seed=0, kind="workers", **kw)
+    assert make().num_workers == 4
+    assert make(num_workers=0).num_workers == 0 and make(num_workers=2).num_workers == 2

@@ -65,6 +65,9 @@ def test_register_model_pattern_parses_names_into_keywords(registry) -> None:
         create_model("lin12", num_classes=3)
     msg = R._unknown_message("zzz")
     assert msg == "model.name='zzz' is not a registered model; choose one of:  (lin<k> with k < 10), or timm/<name>"
+    register_model_pattern(r"mlp(\d+)", "mlp<k>", lambda m: {"out": int(m[1])})(build)
+    assert R._unknown_message("zzz") == ("model.name='zzz' is not a registered model; choose one of:  "
+                                         "(lin<k> with k < 10) (mlp<k>), or timm/<name>")
 
 
 def test_common_members_register_under_their_names(registry) -> None:
@@ -80,6 +83,10 @@ def test_common_members_register_under_their_names(registry) -> None:
     assert isinstance(res, CifarResNet) and len(res.blocks) == 3 and (res.conv.in_channels, res.fc.out_features) == (2, 6)
     plain = registry._MODELS["wrn10_1"](num_classes=5)
     assert plain.conv.in_channels == 3  # in_chans defaults to 3
+    assert registry._MODELS["resnet8"](num_classes=5).conv.in_channels == 3
+    # the factory hands its keywords on: one CifarResNet does not take is refused, not dropped
+    with pytest.raises(TypeError, match="dropout"):
+        create_model("resnet8", num_classes=6, dropout=0.5)
 
 
 def test_names_sort_naturally_and_the_unknown_name_message_lists_them() -> None:
@@ -139,6 +146,14 @@ def test_scale_grad_keeps_the_inputs_dtype_both_ways() -> None:
     assert y.dtype == torch.bfloat16 and y.tolist() == [0.5, 1.0, 2.0]
     (g,) = torch.autograd.grad(y.sum(), x)
     assert g.dtype == torch.bfloat16 and g.tolist() == [0.25, 0.25, 0.25]
+    # A coefficient bf16 cannot hold: backward multiplies by its bf16 rounding (one rounding of the
+    # exact product), not by the fp32 value (5 * 1/3 rounds to 1.6641 instead of 1.6719).
+    ones = torch.ones(4, dtype=torch.bfloat16, requires_grad=True)
+    upstream = torch.tensor([1.5, 3.0, 5.0, 7.0], dtype=torch.bfloat16)
+    third = torch.tensor(1 / 3)
+    (g,) = torch.autograd.grad(scale_grad(ones, third, third), ones, upstream)
+    expected = (upstream.double() * third.to(torch.bfloat16).double()).to(torch.bfloat16)
+    assert g.dtype == torch.bfloat16 and torch.equal(g, expected) and g[2].item() == 1.671875
 
 
 @pytest.mark.parametrize("perturbed, replay", [(False, False), (True, False), (True, True)])
@@ -161,6 +176,19 @@ def test_shakedrop_train_coefficients_come_from_four_uniforms_per_sample(perturb
     assert torch.allclose(y, ((b + alpha - b * alpha) * torch.ones(64, 1, 1, 1)).expand(64, 2, 1, 1), atol=1e-6)
     assert torch.allclose(g, ((b + beta - b * beta) * torch.ones(64, 1, 1, 1)).expand(64, 2, 1, 1), atol=1e-6)
     assert 0 < b.sum() < 64
+
+
+def test_shakedrop_drops_a_sample_whose_mask_uniform_equals_keep_prob() -> None:
+    """b = [u < keep_prob] with u ~ U[0, 1): P(b = 1) is keep_prob exactly. Here keep_prob is the
+    first sample's own mask uniform, so that sample is dropped (coefficient alpha = 0.5)."""
+    torch.manual_seed(9)
+    u = torch.rand(4, 16, 1, 1, 1)
+    p = u[0, 0].item()
+    layer = ShakeDrop(p, alpha_range=(0.5, 0.5)).train()
+    torch.manual_seed(9)
+    y = layer(torch.ones(16, 1, 1, 1))
+    assert y[0].item() == 0.5
+    assert torch.equal(y.flatten(), torch.where(u[0] < p, 1.0, 0.5).flatten())
 
 
 def test_shakedrop_keep_probability_is_a_probability() -> None:
@@ -257,6 +285,45 @@ def test_read_state_dict_accepts_every_documented_layout(saved, tmp_path: Path, 
     assert all(v.device.type == "cpu" for v in got.values())
 
 
+def test_read_state_dict_reads_safetensors_itself(saved, tmp_path: Path, monkeypatch) -> None:
+    """A .safetensors file goes to safetensors, not torch.load (torch >= 2.4 is supported; only
+    recent torch.load reads safetensors files): here a torch.load that cannot read them."""
+    from safetensors.torch import save_file
+
+    _, state = saved
+    save_file({k: v.contiguous() for k, v in state.items()}, str(path := tmp_path / "w.safetensors"))
+    real_load = torch.load
+
+    def old_torch_load(f, *args, **kwargs):
+        if str(f).endswith(".safetensors"):
+            raise RuntimeError("invalid load key, 'x'")  # what a pickle reader says about safetensors
+        return real_load(f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", old_torch_load)
+    got = read_state_dict(path)
+    assert got.keys() == state.keys() and all(torch.equal(got[k], state[k]) for k in state)
+
+
+def test_read_state_dict_maps_gpu_checkpoints_to_the_cpu(tmp_path: Path, monkeypatch) -> None:
+    """A checkpoint saved from a GPU (its storages tagged cuda:0) loads onto the CPU, on any machine."""
+    import torch.serialization as S
+
+    with monkeypatch.context() as m:
+        m.setattr(S, "location_tag", lambda storage: "cuda:0")
+        torch.save({"w": torch.arange(3.0)}, path := tmp_path / "gpu.pt")
+    got = read_state_dict(path)
+    assert got["w"].device.type == "cpu" and got["w"].tolist() == [0.0, 1.0, 2.0]
+
+
+def test_read_state_dict_never_unpickles_code_whatever_the_environment(tmp_path: Path, monkeypatch) -> None:
+    """weights_only=True is explicit: TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD (which flips torch.load's
+    default) does not let a pickled module through."""
+    torch.save({"x": torch.zeros(1), "fn": torch.nn.Linear(1, 1)}, path := tmp_path / "module.pt")
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    with pytest.raises(WeightsError, match="is not a readable weights file"):
+        read_state_dict(path)
+
+
 def test_read_state_dict_refuses_what_is_not_weights(tmp_path: Path) -> None:
     with pytest.raises(WeightsError, match="no such file"):
         read_state_dict(tmp_path / "none.pt")
@@ -323,6 +390,36 @@ def test_pretrained_input_defaults_when_the_config_is_silent() -> None:
     assert pretrained_input(model, cfg)["interpolation"] == "nearest"
     del model.pretrained_cfg
     assert pretrained_input(model, cfg) == {}
+
+
+def test_pretrained_input_fills_what_the_resolver_leaves_out(monkeypatch) -> None:
+    """timm's resolver fills crop_pct and interpolation itself (0.875, bicubic), so the test above
+    sees timm's defaults; a resolver that leaves them out gets ours: 0.875 and bilinear."""
+    import timm.data
+
+    model = nn.Linear(1, 1)
+    model.pretrained_cfg = {"input_size": (3, 64, 64)}
+    monkeypatch.setattr(timm.data, "resolve_model_data_config",
+                        lambda m: {"input_size": (3, 64, 48), "mean": (0.5,) * 3, "std": (0.25,) * 3})
+    assert pretrained_input(model, ModelConfig(name="x", pretrained=True)) == {
+        "image_size": 64, "mean": (0.5,) * 3, "std": (0.25,) * 3, "crop_pct": 0.875, "interpolation": "bilinear"}
+
+
+def test_model_keywords_reach_the_constructor_as_plain_containers(registry) -> None:
+    """An OmegaConf kwargs node reaches the factory resolved and as plain lists and dicts (not
+    ListConfig / DictConfig, which fail isinstance(x, list / dict) checks)."""
+    got = {}
+
+    def build(num_classes, in_chans=3, **kw):
+        got.update(kw)
+        return nn.Linear(in_chans, num_classes)
+
+    register_model("recorder")(build)
+    cfg = OmegaConf.create({"name": "recorder", "pretrained": False, "checkpoint": None, "n": 4,
+                            "kwargs": {"sizes": [1, "${n}"], "inner": {"k": "${n}"}}})
+    create_model_from_config(cfg, num_classes=2)
+    assert got == {"sizes": [1, 4], "inner": {"k": 4}}
+    assert type(got["sizes"]) is list and type(got["inner"]) is dict
 
 
 @pytest.mark.parametrize("kwargs", [None, {"dropout": 0.5}, OmegaConf.create({"dropout": 0.5, "shortcut": "${s}"})])

@@ -55,6 +55,33 @@ def test_replay_covers_layers_that_are_not_ours(layer):
     assert not torch.equal(first, layer(x))
 
 
+def test_replay_restores_the_cuda_generator_of_its_device(monkeypatch):
+    """The CUDA path on any machine, through a stand-in for torch.cuda's generator API: capture
+    snapshots the generator of draws.device (cuda:1, not the current device) and replay writes
+    that very snapshot back to that device, after restoring the CPU generator."""
+    calls = []
+    snapshot = torch.tensor([7, 1, 3], dtype=torch.uint8)
+
+    def get_rng_state(device="cuda"):
+        calls.append(("get", device))
+        return snapshot
+
+    def set_rng_state(new_state, device="cuda"):
+        calls.append(("set", new_state, device))
+
+    monkeypatch.setattr(torch.cuda, "get_rng_state", get_rng_state)
+    monkeypatch.setattr(torch.cuda, "set_rng_state", set_rng_state)
+    device = torch.device("cuda", 1)
+    draws = RandomDraws(device)
+    torch.manual_seed(0)
+    draws.capture()
+    first = torch.rand(3)
+    assert calls == [("get", device)]
+    draws.replay()
+    assert torch.equal(first, torch.rand(3))  # the CPU generator too
+    assert len(calls) == 2 and calls[1][0] == "set" and calls[1][1] is snapshot and calls[1][2] == device
+
+
 def test_replay_before_capture_is_an_error():
     with pytest.raises(RuntimeError, match="capture"):
         RandomDraws(CPU).replay()
