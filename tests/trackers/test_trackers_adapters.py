@@ -39,6 +39,18 @@ def offline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv(key, value)
 
 
+@pytest.fixture(autouse=True)
+def tensorboard_files_in_session_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An event file's name is events.out.tfevents.<second>.<host>.<pid>.<n>, n counting the writers
+    of the process, unpadded; TensorBoard reads a directory's files in name order. The sessions a
+    test plays in one process share a second and a pid, so n alone orders them: counted from 0 in
+    each test, a test's few writers sort in the order they were opened (as separate processes,
+    seconds apart, do), whatever number of writers the tests before it opened (9 then 10 would not)."""
+    from tensorboard.summary.writer import event_file_writer
+
+    monkeypatch.setattr(event_file_writer, "_global_uid", event_file_writer.AtomicCounter(0))
+
+
 def run_dir(tmp_path: Path) -> Path:
     d = tmp_path / "runs" / "smoke" / "seed=0"
     d.mkdir(parents=True, exist_ok=True)
@@ -86,15 +98,33 @@ def test_tensorboard_hparams_keep_scalars_and_write_the_rest_as_text(tmp_path: P
     where = run_dir(tmp_path)
     cfg = config(tmp_path, "tensorboard")
     OmegaConf.set_struct(cfg, False)
-    cfg.extra = {"flag": True, "count": 3, "ratio": 0.5, "word": "w", "nothing": None, "list": [1, 2]}
+    cfg.extra = {"flag": True, "count": 3, "ratio": 0.5, "word": "w", "nothing": None, "list": [1, 2],
+                 "path": Path("/data/x")}  # OmegaConf keeps a Path a Path: it reaches the tracker as one
     t = Trackers(cfg, where)
     t.start([])
     t.finish("completed", {})
     hp = read_tensorboard(where / "tensorboard")["hparams"]
     assert {k: hp[k] for k in hp if k.startswith("extra.")} == {
         "extra.flag": True, "extra.count": 3.0, "extra.ratio": 0.5, "extra.word": "w", "extra.nothing": "None",
-        "extra.list": "[1, 2]"}
+        "extra.list": "[1, 2]", "extra.path": "/data/x"}
     assert status_steps(where / "tensorboard") == [0]  # nothing logged: the status sits at step 0
+
+
+def test_tensorboard_status_of_a_resume_with_nothing_new_sits_at_the_last_epoch(tmp_path: Path) -> None:
+    """Interrupted after epoch 2 was logged; the resumed session has no row left to log before it
+    ends: its status goes at epoch 2, where the run stopped, and the scalars stay as they were."""
+    where = run_dir(tmp_path)
+    cfg = config(tmp_path, "tensorboard")
+    first = Trackers(cfg, where)
+    first.start([])
+    for row in rows(1, 2):
+        first.log_row(row)
+    first.finish("interrupted", {"error": "interrupted (KeyboardInterrupt) after epoch 2"})
+    second = Trackers(cfg, where)
+    second.start(rows(1, 2))
+    second.finish("completed", {})
+    assert status_steps(where / "tensorboard") == [2]
+    assert read_tensorboard(where / "tensorboard")["scalars"]["test_err"] == [(1, 49.0), (2, 48.0)]
 
 
 @pytest.mark.parametrize("killed_at", [1, 2])
@@ -136,12 +166,13 @@ def test_tensorboard_purges_an_epoch_written_but_not_recorded(tmp_path: Path) ->
     assert tb["status"] == ["diverged: loss is nan"] and status_steps(where / "tensorboard") == [2]
 
 
-def test_tensorboard_writes_no_status_for_an_interrupted_run(tmp_path: Path) -> None:
+@pytest.mark.parametrize("status", ["running", "interrupted"])
+def test_tensorboard_writes_no_status_for_an_interrupted_run(tmp_path: Path, status: str) -> None:
     where = run_dir(tmp_path)
     t = Trackers(config(tmp_path, "tensorboard"), where)
     t.start([])
     t.log_row(rows(1)[0])
-    t.finish("running", {})
+    t.finish(status, {"error": "interrupted (KeyboardInterrupt) after epoch 1"})
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     acc = EventAccumulator(str(where / "tensorboard"))
@@ -167,6 +198,22 @@ def test_mlflow_one_run_every_epoch_once_params_and_status(tmp_path: Path) -> No
     state = json.loads((where / "trackers.json").read_text())["mlflow"]
     assert state == {"run_id": run["id"], "tracking_uri": uri, "logged_epoch": 3, "hparams_logged": True,
                      "status": "completed"}
+
+
+def test_mlflow_opts_in_to_its_file_store_itself(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """MLflow 3 refuses a file store unless MLFLOW_ALLOW_FILE_STORE is true: with nothing set in the
+    environment, the tracker sets it, and the default store (file:) takes the run."""
+    from mlflow.environment_variables import MLFLOW_ALLOW_FILE_STORE
+
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    where = run_dir(tmp_path)
+    cfg = config(tmp_path, "mlflow")
+    t = Trackers(cfg, where)
+    t.start([])
+    assert "mlflow" in t.active and MLFLOW_ALLOW_FILE_STORE.get() is True  # not switched off
+    t.finish("completed", {})
+    [run] = read_mlflow(tracking_uri(cfg.logger.mlflow, cfg.runs_root), "smoke")
+    assert run["status"] == "FINISHED"
 
 
 def test_mlflow_failed_run_its_error_and_an_experiment_of_its_own(tmp_path: Path) -> None:
@@ -421,6 +468,99 @@ def test_wandb_online_resume_trusts_the_servers_step() -> None:
     for starting_step, held in ((6, 5), (1, 0), (0, 0)):
         tracker.run = type("Run", (), {"settings": type("S", (), {"mode": "online"})(), "starting_step": starting_step})()
         assert tracker.last_logged() == held
+
+
+class FakeRun:
+    """What WandbTracker calls on a W&B run, recorded (wandb.init replaced: no files, no service).
+    Its config is W&B's own Config class, which refuses a changed value unless told to allow it."""
+
+    def __init__(self, mode: str = "offline", starting_step: int = 0, run_id: str = "fake1") -> None:
+        from wandb.sdk.wandb_config import Config
+
+        self.id, self.settings, self.starting_step = run_id, type("S", (), {"mode": mode})(), starting_step
+        self.config, self.summary, self.logged, self.exit_codes = Config(), {}, [], []
+
+    def log(self, data: dict, step: Any = None, commit: Any = None) -> None:
+        self.logged.append((data, step, commit))
+
+    def finish(self, exit_code: Any = None) -> None:
+        self.exit_codes.append(exit_code)
+
+
+@pytest.fixture
+def fake_wandb(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """wandb.init records its arguments and returns a FakeRun; the list holds each call's arguments."""
+    import wandb
+
+    inits: list[dict[str, Any]] = []
+
+    def init(**kwargs: Any) -> FakeRun:
+        inits.append(kwargs)
+        return FakeRun(mode=kwargs["mode"], run_id=kwargs["id"])
+
+    monkeypatch.setattr(wandb, "init", init)
+    return inits
+
+
+def fake_tracker(run: FakeRun, held: int = 0) -> Any:
+    from sam_repro.trackers.wandb import WandbTracker
+
+    tracker = WandbTracker.__new__(WandbTracker)
+    tracker.run, tracker.held = run, held
+    return tracker
+
+
+def test_wandb_init_gets_the_run_directorys_run_and_each_row_is_committed_at_its_epoch(tmp_path: Path,
+                                                                                       fake_wandb) -> None:
+    """The W&B run of this run directory: its project, entity, group, tags and name, the id kept in
+    trackers.json (resume="allow": a resume continues it), the console left to train.log; then each
+    row at its epoch, committed at once (not held until the next row), the epoch among its values."""
+    from sam_repro.trackers import row_metrics
+
+    where = run_dir(tmp_path)
+    cfg = config(tmp_path, "wandb", mode="offline", tags=["a", "b"], entity="me")
+    t = Trackers(cfg, where)
+    t.start(rows(1))
+    t.log_row(rows(2)[0])
+    run = t.active["wandb"].run
+    t.finish("completed", {})
+    [kwargs] = fake_wandb
+    assert kwargs.pop("settings").console == "off"
+    assert kwargs == {"project": "sam-repro", "entity": "me", "group": "smoke", "tags": ["a", "b"],
+                      "name": "smoke/seed=0", "id": t.state["wandb"]["run_id"], "resume": "allow",
+                      "dir": str(where), "mode": "offline", "reinit": "create_new"}
+    assert run.logged == [({**row_metrics(r), "epoch": r["epoch"]}, r["epoch"], True) for r in rows(1, 2)]
+    assert run.config["optim.rho"] == cfg.optim.rho
+
+
+def test_wandb_init_without_tags_passes_none(tmp_path: Path, fake_wandb) -> None:
+    t = Trackers(config(tmp_path, "wandb", mode="offline", group="g"), run_dir(tmp_path))
+    t.start([])
+    assert fake_wandb[0]["tags"] is None and fake_wandb[0]["group"] == "g"
+
+
+def test_wandb_hparams_of_a_resumed_run_may_change_a_value() -> None:
+    """A resumed W&B run holds the config of its earlier session (online: the server's), and some
+    keys differ on resume (`resume` itself): the update takes the new value instead of failing."""
+    tracker = fake_tracker(FakeRun())
+    tracker.run.config.update({"resume": False, "optim.rho": 0.05})
+    tracker.log_hparams({"resume": True, "optim.rho": 0.05})
+    assert tracker.run.config["resume"] is True
+
+
+def test_wandb_offline_and_dryrun_trust_the_offline_files_not_the_servers_step() -> None:
+    for mode in ("offline", "dryrun"):
+        assert fake_tracker(FakeRun(mode=mode, starting_step=0), held=2).last_logged() == 2, mode
+
+
+@pytest.mark.parametrize("status, error, code", [
+    ("completed", None, 0), ("interrupted", "interrupted (KeyboardInterrupt) after epoch 1", 0), ("running", None, 0),
+    ("diverged", "loss is nan", 1), ("failed", "RuntimeError: boom", 1)])
+def test_wandb_finish_writes_the_status_and_error_and_exits_with_its_code(status: str, error: Any, code: int) -> None:
+    tracker = fake_tracker(FakeRun())
+    tracker.finish(status, {"status": status, "error": error})
+    assert tracker.run.exit_codes == [code]
+    assert tracker.run.summary == ({"status": status, "error": error} if error else {"status": status})
 
 
 def test_two_run_directories_log_to_two_wandb_runs_at_once(tmp_path: Path, offline) -> None:
