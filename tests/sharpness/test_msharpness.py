@@ -244,3 +244,56 @@ def test_time_is_the_cells_own_wall_time() -> None:
     t0 = time.perf_counter()
     cell = m_sharpness(obj, 2, RHO, steps=2)
     assert 0.0 <= cell.time_s <= time.perf_counter() - t0
+
+
+# -- survivors of the second mutation run: the norm guard, the group bound, one chunk -------------
+
+GUARD = 1e-12  # the code's e = rho g / (||g|| + 1e-12), also in the later steps and the projection
+
+
+@pytest.mark.parametrize("grad", [1e-12, 2e-12, 1e-9])
+def test_a_gradient_near_the_guard_gives_the_guarded_finite_ascent(grad: float) -> None:
+    """Linear chunk with ||g|| = G of the guard's order: SAM's e is rho G / (G + 1e-12) along g,
+    the second step adds (rho/2) G / (G + 1e-12) and is projected back into the ball; the value
+    is G times the best iterate. A guard that subtracts divides by ~0 (inf, NaN) or overshoots."""
+    obj = Concave([grad], [0.0], m=2)
+    t1 = RHO * grad / (grad + GUARD)
+    t2 = t1 + 0.5 * RHO * grad / (grad + GUARD)
+    t2 *= min(1.0, RHO / (abs(t2) + GUARD))
+    assert m_sharpness(obj, 2, RHO).value == pytest.approx(grad * t1, rel=1e-9)
+    assert m_sharpness(obj, 2, RHO, steps=2).value == pytest.approx(grad * max(t1, t2), rel=1e-9)
+
+
+def test_vmapped_groups_hold_at_most_max_batch_examples_and_at_least_one_chunk(monkeypatch) -> None:
+    """`max_batch` bounds the examples per vmapped group (the CLI passes --batch-size); a chunk
+    larger than it still goes alone. The value does not depend on the grouping."""
+    from sam_repro.sharpness import msharpness
+
+    groups = []
+    original = msharpness._group_sharpness
+
+    def recording(obj, xs, ys, rho, steps):
+        groups.append(tuple(xs.shape[:2]))
+        return original(obj, xs, ys, rho, steps)
+
+    monkeypatch.setattr(msharpness, "_group_sharpness", recording)
+    obj = Concave([1.0, 2.0, 3.0, 4.0, 5.0, 6.0], [0.0] * 6, m=2)
+    alone = m_sharpness(obj, 4, RHO, max_batch=3)  # 4 > 3: one chunk per group
+    assert groups == [(1, 4)] * 3
+    groups.clear()
+    cells = m_sharpness_grid(obj, [2], [RHO], max_batch=5)  # two chunks of 2 per group
+    assert groups == [(2, 2), (2, 2), (2, 2)]
+    assert cells[0].value == pytest.approx(RHO * 3.5, rel=1e-12)
+    assert alone.value == pytest.approx(RHO * statistics.fmean([1.5, 3.5, 5.5]), rel=1e-12)
+
+
+def test_one_chunk_has_no_standard_error_and_no_warning() -> None:
+    """A single chunk: stderr is NaN by definition, not a sample std of one value (which torch
+    computes with a 'degrees of freedom <= 0' warning)."""
+    import warnings
+
+    obj = Concave([1.0, 2.0], [0.0, 0.0], m=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        one = m_sharpness(obj, 4, RHO)
+    assert one.chunks == 1 and math.isnan(one.stderr) and one.value == pytest.approx(RHO * 1.5, rel=1e-12)

@@ -144,3 +144,13 @@ def test_each_result_records_its_own_wall_time() -> None:
                                                                                0.0, 1.0, 2)]
     elapsed = time.perf_counter() - t0
     assert all(0.0 <= r.time_s <= elapsed for r in results)
+
+
+def test_filter_norm_is_guarded_by_adding_1e_10_to_the_directions_norm() -> None:
+    """Filters of one weight each: ||d_i|| = |d_i|, some of them small among 300 draws, where
+    d_i * ||w_i|| / (||d_i|| + 1e-10) and any other guard differ well above float64 rounding."""
+    p = torch.randn(300, 1, generator=torch.Generator().manual_seed(1), dtype=F64)
+    got = filter_normalized_direction([p], torch.Generator().manual_seed(2))[0]
+    d = torch.randn(300, 1, generator=torch.Generator().manual_seed(2), dtype=F64)
+    assert float(d.abs().min()) < 0.05
+    assert torch.allclose(got, d * (p.abs() / (d.abs() + 1e-10)), rtol=1e-13, atol=0.0)

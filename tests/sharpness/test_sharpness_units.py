@@ -475,3 +475,134 @@ def test_a_model_of_one_parameter_has_an_l2_term_of_zero_when_measured_out() -> 
     model, x, y = nn.Linear(3, 3, bias=False), torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
     obj = Objective.build(prepare_model(model, "eval", F64), x, y, batch_size=4)
     assert len(obj.params) == 1 and float(obj.l2_term(obj.params)) == 0.0
+
+
+# -- survivors of the second mutation run: Ritz vectors, exact edges, devices, graph accounting ---------
+
+def test_lanczos_ritz_vectors_are_eigenvectors_of_its_tridiagonal_matrix() -> None:
+    """The returned ritz_vectors diagonalize T = tridiag(betas, alphas, betas) as built here, and
+    with the basis they give Ritz vectors y = Q^T s whose true residual ||A y - theta y|| is the
+    reported error bar |beta_m s_m|."""
+    a = spd(12, 8)
+    basis = []
+    state = lanczos(lambda v: basis.append(v.clone()) or a @ v,
+                    torch.randn(12, dtype=F64, generator=torch.Generator().manual_seed(2)), iters=6)
+    m = len(state.alphas)
+    off = torch.tensor(state.betas[:m - 1], dtype=F64)
+    t = torch.diag(torch.tensor(state.alphas, dtype=F64)) + torch.diag(off, 1) + torch.diag(off, -1)
+    s, theta = state.ritz_vectors, state.ritz_values
+    assert m == 6 and torch.allclose(t @ s, s * theta, atol=1e-12)
+    y = torch.stack(basis).T @ s
+    assert torch.allclose((a @ y - y * theta).norm(dim=0), state.residuals, rtol=1e-8, atol=1e-10)
+
+
+def test_lanczos_stops_when_beta_equals_the_threshold_exactly() -> None:
+    """beta <= 1e-10 * max(1, |alpha|), the bound included: from e_1, A e_1 = (1, 1e-10) leaves
+    alpha = 1 and beta = 1e-10 exactly (no rounding anywhere), which is an invariant subspace."""
+    edge = torch.tensor([[1.0, 1e-10], [1e-10, 0.0]], dtype=F64)
+    state = lanczos(lambda v: edge @ v, torch.tensor([1.0, 0.0], dtype=F64), iters=2)
+    assert state.alphas == [1.0] and state.betas == [1e-10]
+
+
+def test_top_eigenvalues_of_a_zero_hessian_are_exact_and_converged_at_tol_zero() -> None:
+    """A zero Hessian: the first step finds the invariant subspace with a residual of exactly 0,
+    which meets tol = 0 (residual <= tol * scale) although fewer than dim steps were taken."""
+    zero = top_eigenvalues(lambda v: torch.zeros_like(v), 6, k=1, iters=6, tol=0.0, seed=0, dtype=F64)
+    assert (zero.values, zero.residuals, zero.iterations, zero.converged) == ([0.0], [0.0], 1, True)
+
+
+class _Stop(Exception):
+    pass
+
+
+def test_solvers_hand_the_operator_vectors_on_the_device_asked() -> None:
+    """top_eigenvalues, hutchinson_trace and slq_density draw on the CPU and move their start or
+    probe vectors to `device` before the first H v (a CUDA operator cannot take CPU vectors)."""
+    meta = torch.device("meta")
+    solvers = [lambda mv: top_eigenvalues(mv, 5, k=1, iters=5, tol=1e-3, seed=0, dtype=F64, device=meta),
+               lambda mv: hutchinson_trace(mv, 5, max_probes=3, tol=0.1, seed=0, dtype=F64, device=meta),
+               lambda mv: slq_density(mv, 5, probes=1, iters=3, seed=0, dtype=F64, device=meta)]
+    for solve in solvers:
+        seen = []
+
+        def mv(v: torch.Tensor) -> torch.Tensor:
+            seen.append((v.device, v.dtype))
+            raise _Stop  # a meta vector has no values to go on with
+
+        with pytest.raises(_Stop):
+            solve(mv)
+        assert seen == [(meta, F64)]
+
+
+def test_graph_bytes_count_a_storage_saved_by_many_operations_once() -> None:
+    """A (800 kB) is saved by five matrix products and their double-backward graph: the kept graph
+    holds it once, so its size stays below twice A's."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(1000, 100, dtype=F64, generator=gen)
+    p = (torch.randn(100, dtype=F64, generator=gen),)
+    op = ReverseHVP([(lambda q: sum((k * (a @ q[0])).square().sum() for k in range(1, 6)), 1.0)], p, 10 ** 9)
+    op((torch.ones(100, dtype=F64),))
+    assert op.stats()["graphs_kept"] == 1 and a.nbytes <= op.stats()["graph_bytes"] < 2 * a.nbytes
+
+
+def test_a_batch_graph_is_sized_on_its_first_build_only(monkeypatch) -> None:
+    """Sizing runs a hook on every saved tensor; a batch over the budget is rebuilt at every call
+    but sized (and refused) once: three calls over three batches size each batch once."""
+    import sam_repro.sharpness.hvp as hvp_module
+
+    entered = []
+
+    class Counting(hvp_module._SavedBytes):
+        def __enter__(self):
+            entered.append(1)
+            return super().__enter__()
+
+    monkeypatch.setattr(hvp_module, "_SavedBytes", Counting)
+    losses, params, hess = two_parameter_losses()
+    op = ReverseHVP(losses, params, graph_budget=0)
+    v = tuple(torch.ones(n, dtype=F64) for n in (3, 2, 4))
+    for _ in range(3):
+        assert torch.allclose(torch.cat(op(v)), hess @ torch.ones(9, dtype=F64), rtol=1e-12)
+    assert len(entered) == 3 and op.stats()["graphs_kept"] == 0
+
+
+def test_objective_hvp_uses_the_mode_asked(monkeypatch) -> None:
+    built = []
+
+    class Spy(ForwardHVP):
+        def __init__(self, *args) -> None:
+            built.append(type(self).mode)
+            super().__init__(*args)
+
+    monkeypatch.setitem(HVP_MODES, "forward", Spy)
+    model, x, y = net_problem(n=6)
+    obj = Objective.build(prepare_model(model, "eval", F64), x, y, batch_size=3)
+    v = torch.randn(obj.dim, dtype=F64, generator=torch.Generator().manual_seed(4))
+    want = obj.flat_hvp("reverse")(v)
+    assert torch.allclose(obj.flatten(obj.hvp(obj.unflatten(v), "forward")), want, rtol=1e-10, atol=1e-12)
+    assert built == ["forward"]  # one forward-mode operator, not the default reverse one
+
+
+def test_objective_hvp_holds_one_batch_graph_at_a_time() -> None:
+    """One H v, no graph kept: batch b's saved activations are freed before batch b + 1's forward,
+    so the memory is one batch's graph, not the subset's."""
+    import weakref
+
+    class Recording(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(3, 3)
+            self.saved, self.alive = [], []
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            self.alive.append(sum(r() is not None for r in self.saved))
+            h = torch.tanh(self.fc(x))  # tanh saves its output for the backward
+            self.saved.append(weakref.ref(h))
+            return h
+
+    torch.manual_seed(0)
+    model = Recording().double().eval()
+    x, y = torch.randn(6, 3, dtype=F64), torch.tensor([0, 1, 2, 0, 1, 2])
+    obj = Objective.build(model, x, y, batch_size=2)
+    obj.hvp(tuple(torch.ones_like(p) for p in obj.params))
+    assert model.alive == [0, 0, 0] and len(model.saved) == 3
