@@ -187,3 +187,16 @@ def test_train_subset_takes_one_example_or_the_whole_split(good: Path) -> None:
     x, y = train_subset(run.bundle, 1, seed=5)
     assert x.shape == (1, 3, 8, 8) and y.shape == (1,)
     assert train_subset(run.bundle, 64, seed=5)[0].shape[0] == 64
+
+
+def test_a_finetuned_run_is_measured_on_the_input_its_pretrained_model_saw(tmp_path: Path) -> None:
+    """A run finetuned from pretrained weights trained on the pretrained config's input (timm's
+    test_efficientnet: 160 px, bicubic, ImageNet mean and std), not the dataset's 8 px: so is it measured,
+    although no pretrained weight is read (the checkpoint holds them all)."""
+    tiny = ["model=timm", "model.name=timm/test_efficientnet"]
+    run = load_run(make_run_dir(tmp_path / "run", [*tiny, "model.pretrained=true"],
+                                model_overrides=[*tiny, "model.pretrained=false"]))
+    assert run.cfg.model.pretrained is False and run.cfg.model.checkpoint is None
+    b = run.bundle
+    assert (b.image_size, b.mean, b.std, b.interpolation) == (160, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "bicubic")
+    assert train_subset(b, 2, 0)[0].shape == (2, 3, 160, 160)
