@@ -104,7 +104,13 @@ def load_run(path: str | Path, data_root: Optional[str] = None) -> Run:
         raise RunDirError(f"{path} was trained on other data (fingerprint {fp}, found {bundle.info['fingerprint']} "
                           f"at {cfg.dataset.root})")
     model = create_model_from_config(cfg.model, num_classes=bundle.num_classes, in_chans=bundle.in_chans)
-    bundle = fit_to_model(bundle, pretrained_input(model, cfg.model), cfg.dataset.input_size)
+    # a finetuned run saw its pretrained model's input (size, normalization, interpolation): read_config
+    # cleared the flags that say it was one (no weights are read), the run's own config.yaml keeps them
+    trained = OmegaConf.load(path / "config.yaml")
+    as_trained = cfg.model.copy()
+    as_trained.pretrained = bool(OmegaConf.select(trained, "model.pretrained", default=False))
+    as_trained.checkpoint = OmegaConf.select(trained, "model.checkpoint", default=None)
+    bundle = fit_to_model(bundle, pretrained_input(model, as_trained), cfg.dataset.input_size)
     try:
         model.load_state_dict(state["model"])
     except (RuntimeError, KeyError) as e:

@@ -5,6 +5,7 @@ setup block, the merge into an existing sharpness.json, discovery below a root, 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 from pathlib import Path
@@ -177,6 +178,34 @@ def test_hessian_block_with_fewer_than_5_values_a_density_and_no_graphs(obj: Obj
     assert forward["hvp"]["mode"] == "forward" and forward["top_eigenvalues"]["iterations"] == 1
 
 
+def test_hessian_block_of_a_model_with_a_single_parameter_tensor() -> None:
+    """A softmax regression without bias (one weight tensor) is measured like any other model."""
+    g = torch.Generator().manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(6, 3, bias=False))
+    x, y = torch.randn(8, 6, generator=g), torch.randint(0, 3, (8,), generator=g)
+    one = Objective.build(prepare_model(model, "eval", F64), x, y, batch_size=4)
+    assert len(one.params) == 1
+    block = C._hessian(one, parse("r", "--top-k", "2", "--lanczos-iters", "6", "--trace-probes", "2", "--density",
+                                  "--density-probes", "1", "--density-iters", "3"))
+    top = hessian.top_eigenvalues(one.flat_hvp("reverse"), one.dim, 2, 6, 1e-3, 0, F64, "cpu")
+    assert block["top_eigenvalues"]["values"] == pytest.approx(top.values, rel=1e-9)
+    assert block["trace"]["probes"] == 2 and block["density"]["probes"] == 1
+
+
+def test_msharpness_forwards_at_most_batch_size_examples(obj: Objective, monkeypatch) -> None:
+    """--batch-size bounds the examples of every m-sharpness forward too (memory), not only the Hessian's."""
+    sizes = []
+    real = msharpness._group_sharpness
+
+    def spy(o, xs, ys, rho, steps):
+        sizes.append(xs.shape[0] * xs.shape[1])
+        return real(o, xs, ys, rho, steps)
+
+    monkeypatch.setattr(msharpness, "_group_sharpness", spy)
+    C._msharpness(obj, parse("r", "--m", "3", "--batch-size", "6"))
+    assert sizes == [6, 6]  # 12 examples: two groups of two chunks of 3
+
+
 def test_msharpness_block_is_the_grid_with_the_options(obj: Objective) -> None:
     a = parse("r", "--m", "3,6", "--rho", "0.1", "--ascent-steps", "2", "--batch-size", "6")
     block = C._msharpness(obj, a)
@@ -256,17 +285,33 @@ def test_document_merges_parts_measured_the_same_way(tmp_path: Path) -> None:
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\+00:00", bare["measured_at"])  # whole seconds, UTC
 
 
+def test_existing_file_is_read_as_utf8_whatever_the_locale(tmp_path: Path) -> None:
+    """A sharpness.json with non-ASCII text (a note added by hand) still merges under a C locale."""
+    import locale
+
+    run, setup = run_like(tmp_path), {"subset": 16}
+    doc = {**C._document(run, setup, {"hessian": {"lambda_max": 3.0}}, 1.0), "note": "\u03bb_max mesur\u00e9"}
+    (tmp_path / "sharpness.json").write_text(json.dumps(doc, ensure_ascii=False), encoding="utf-8")
+    before = locale.setlocale(locale.LC_CTYPE)
+    try:
+        locale.setlocale(locale.LC_CTYPE, "C")
+        merged = C._document(run, setup, {"landscape": {"span": 1.0}}, 2.0)
+    finally:
+        locale.setlocale(locale.LC_CTYPE, before)
+    assert merged["hessian"] == {"lambda_max": 3.0} and merged["note"] == "\u03bb_max mesur\u00e9"
+
+
 def test_measure_times_each_part_and_the_whole(tmp_path: Path, monkeypatch, capsys) -> None:
     """On a clock that ticks 0.1234 s per reading: each part's time is its own two readings apart,
     rounded to ms, and the file's wall time spans the objective and every part."""
-    ticks = iter(range(1000))
+    ticks = iter(range(10, 1000))  # a clock that does not start at 0: durations are differences
     monkeypatch.setattr(C.time, "perf_counter", lambda: 0.1234 * next(ticks))
     monkeypatch.setattr(C, "_objective", lambda run, a: "obj")
     monkeypatch.setattr(C, "PARTS", {"one": lambda obj, a: {"x": obj}, "two": lambda obj, a: {"y": 2}})
     run = run_like(tmp_path)
     obj, doc = C.measure(run, parse("r"), ["one", "two"])
     assert obj == "obj" and doc["one"] == {"x": "obj", "time_s": 0.123} and doc["two"] == {"y": 2, "time_s": 0.123}
-    assert doc["wall_s"] == round(0.1234 * 5, 3)  # readings 0 (start) and 5 (after the last part)
+    assert doc["wall_s"] == round(0.1234 * 5, 3)  # readings 10 (start) and 15 (after the last part)
     assert capsys.readouterr().out == "  one: 0.1 s\n  two: 0.1 s\n"
     assert json.loads((tmp_path / "sharpness.json").read_text()) == doc
 
@@ -391,6 +436,10 @@ def test_objective_is_the_runs_loss_on_its_subset(two_runs) -> None:
     out = C._objective(run, parse("r", "--subset", "16"))
     assert out.l2 == 0.0 and out.params[0].dtype == torch.float32 and not out.model.training
     assert run.model.training is False and run.model.fc.weight.dtype == torch.float32  # the run's model untouched
+    sgd = load_run(two_runs[0])  # optim.wd_on_bn=true (the default): the L2 term on every parameter
+    assert sgd.cfg.optim.wd_on_bn is True
+    decayed = C._objective(sgd, parse("r", "--subset", "16", "--weight-decay", "in"))
+    assert decayed.l2_mask == (True,) * len(decayed.params) and decayed.l2 == float(sgd.cfg.optim.weight_decay)
 
 
 def test_measure_writes_each_part_with_its_time_and_the_interpolation_into_both(two_runs, capsys) -> None:
@@ -426,3 +475,65 @@ def test_runs_root_measures_what_is_missing(two_runs, capsys) -> None:
     out = capsys.readouterr().out
     assert "measured 1 run(s)" in out and "skipped" not in out  # below a root, measured runs are passed over quietly
     assert (sgd / "sharpness.json").read_text() == "{}" and "landscape" in json.loads((sam / "sharpness.json").read_text())
+
+
+class FlushLog(io.StringIO):
+    """stdout as a pipe sees it: what had been written at each flush."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flushed: list[str] = []
+
+    def flush(self) -> None:
+        self.flushed.append(self.getvalue())
+
+
+def test_progress_lines_are_flushed_as_they_are_printed(two_runs, monkeypatch) -> None:
+    """Each progress line reaches a pipe (a log file, tee) when it is printed, not at exit."""
+    for run in two_runs:
+        (run / "sharpness.json").unlink(missing_ok=True)
+    out = FlushLog()
+    monkeypatch.setattr(C.sys, "stdout", out)
+    assert C.main([str(two_runs[0]), str(two_runs[1]), "--subset", "16", "--parts", "landscape", "--points", "3",
+                   "--grid", "0", "--interpolate", "--interp-points", "2"]) == 0
+    lines = out.getvalue().splitlines()
+    progress = [ln for ln in lines if ln.startswith(("sam-sharpness: " + str(two_runs[0]), "sam-sharpness: " + str(
+        two_runs[1]), "  landscape: ", "  interpolation "))]
+    assert len(progress) == 6, lines
+    for line in progress:
+        assert any(f.endswith(line + "\n") for f in out.flushed), line
+
+
+def test_the_run_directory_is_locked_for_sam_sharpness_while_measured(two_runs, monkeypatch) -> None:
+    """While a run is measured (and while its interpolation is written), a trainer that tries to write
+    into it is told that sam-sharpness holds it."""
+    from sam_repro.rundir import RunDirBusy, RunDirLock
+
+    told = []
+
+    def try_to_train(path: Path) -> None:
+        with pytest.raises(RunDirBusy) as e:
+            RunDirLock(path, purpose="training").acquire()
+        told.append(str(e.value))
+
+    monkeypatch.setattr(C, "measure", lambda run, a, parts: try_to_train(run.path) or ("obj", {}))
+    monkeypatch.setattr(C, "_interpolate", lambda ra, rb, oa, a: try_to_train(ra.path))
+    assert C.main([str(two_runs[0]), str(two_runs[1]), "--subset", "16", "--parts", "landscape",
+                   "--interpolate"]) == 0
+    assert len(told) == 3 and all(" (sam-sharpness since " in t for t in told), told
+
+
+def test_interpolation_of_a_run_whose_summary_has_no_config(two_runs) -> None:
+    """The other run's metrics.json without its config block: nulls in the interpolation block, no crash."""
+    from sam_repro.sharpness.rundir import load_run
+
+    sgd, sam = (load_run(d) for d in two_runs)
+    for run in (sgd, sam):
+        (run.path / "sharpness.json").unlink(missing_ok=True)
+    sgd.summary, sam.summary = {"status": "completed"}, {"status": "completed"}
+    a = parse("r", "s", "--subset", "16", "--interp-points", "2")
+    C._interpolate(sgd, sam, C._objective(sgd, a), a)
+    for run, other in ((sgd, "../sam"), (sam, "../sgd")):
+        block = json.loads((run.path / "sharpness.json").read_text())["interpolation"]
+        assert block["other"] == {"optimizer": None, "rho": None, "seed": None, "run_dir": other}
+        assert len(block["loss"]) == 2

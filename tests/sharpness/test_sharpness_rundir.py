@@ -123,3 +123,80 @@ def test_train_subset_is_a_seeded_draw_normalized_as_at_evaluation(good: Path) -
     assert torch.equal(train_subset(run.bundle, 64, seed=5)[1].sort().values, run.bundle.train.labels.sort().values)
     for size in (0, 65):
         assert error_of(train_subset, run.bundle, size, 0) == f"--subset {size} must be between 1 and the training set size 64"
+
+
+def test_load_run_moves_the_data_root(good: Path) -> None:
+    """--data-root reaches the config the data is loaded from."""
+    assert load_run(good, "/moved/data").cfg.dataset.root == "/moved/data"
+
+
+def test_a_checkpoint_written_on_a_gpu_is_measured_on_the_cpu(tmp_path: Path, monkeypatch) -> None:
+    """sam-train on a GPU saves CUDA tensors: they are mapped to the CPU, never restored to their device."""
+    run = make_run_dir(tmp_path / "run")
+    state = torch.load(run / "checkpoint.pt", weights_only=False)
+    monkeypatch.setattr(torch.serialization, "location_tag", lambda storage: "cuda:0")
+    torch.save(state, run / "checkpoint.pt")
+    monkeypatch.undo()
+    loaded = load_run(run)
+    assert all(p.device.type == "cpu" for p in loaded.model.parameters())
+    assert all(torch.equal(loaded.model.state_dict()[k], v) for k, v in state["model"].items())
+
+
+def test_a_one_channel_run_is_loaded_with_its_input_channels(tmp_path: Path) -> None:
+    run = load_run(make_run_dir(tmp_path / "run", ["dataset.channels=1"]))
+    assert run.bundle.in_chans == 1 and next(p for p in run.model.parameters() if p.ndim == 4).shape[1] == 1
+    assert train_subset(run.bundle, 4, 0)[0].shape == (4, 1, 8, 8)
+
+
+def test_dataset_input_size_resizes_the_measured_subset_with_the_bundles_interpolation(tmp_path: Path) -> None:
+    """dataset.input_size (the side the model saw in training) is the side measured: the stored 8 px
+    arrays are resized to 16 px, with the bundle's interpolation (bilinear here; a pretrained model's own)."""
+    import dataclasses
+
+    from sam_repro.data.augment import resize
+
+    run = load_run(make_run_dir(tmp_path / "run", ["dataset.input_size=16"]))
+    assert run.bundle.image_size == 16 and run.bundle.interpolation == "bilinear"
+    x, _ = train_subset(run.bundle, 4, 0)
+    idx = torch.randperm(64, generator=torch.Generator().manual_seed(0))[:4]
+    scale, shift = normalize_coeffs(run.bundle.mean, run.bundle.std, "cpu")
+    small = run.bundle.train.images[idx].float() * scale + shift
+    assert x.shape == (4, 3, 16, 16) and torch.allclose(x, resize(small, 16, "bilinear"), atol=1e-5)
+    for mode in ("bicubic", "nearest"):
+        xm, _ = train_subset(dataclasses.replace(run.bundle, interpolation=mode), 4, 0)
+        assert torch.allclose(xm, resize(small, 16, mode), atol=1e-5) and not torch.allclose(xm, x, atol=1e-3), mode
+
+
+def test_another_architecture_is_named_by_the_first_problem_torch_reports(tmp_path: Path) -> None:
+    """The detail in parentheses is torch's first problem line (the one after its header), or the
+    missing key itself."""
+    run = make_run_dir(tmp_path / "run")
+    ckpt = run / "checkpoint.pt"
+    state = torch.load(ckpt, weights_only=False)
+    del state["model"]["fc.bias"]
+    torch.save(state, ckpt)
+    assert error_of(load_run, run) == (f"{ckpt} holds another architecture than model=resnet20 "
+                                       f"(Missing key(s) in state_dict: \"fc.bias\".)")
+    del state["model"]
+    torch.save(state, ckpt)
+    assert error_of(load_run, run) == f"{ckpt} holds another architecture than model=resnet20 ('model')"
+
+
+def test_train_subset_takes_one_example_or_the_whole_split(good: Path) -> None:
+    run = load_run(good)
+    x, y = train_subset(run.bundle, 1, seed=5)
+    assert x.shape == (1, 3, 8, 8) and y.shape == (1,)
+    assert train_subset(run.bundle, 64, seed=5)[0].shape[0] == 64
+
+
+def test_a_finetuned_run_is_measured_on_the_input_its_pretrained_model_saw(tmp_path: Path) -> None:
+    """A run finetuned from pretrained weights trained on the pretrained config's input (timm's
+    test_efficientnet: 160 px, bicubic, ImageNet mean and std), not the dataset's 8 px: so is it measured,
+    although no pretrained weight is read (the checkpoint holds them all)."""
+    tiny = ["model=timm", "model.name=timm/test_efficientnet"]
+    run = load_run(make_run_dir(tmp_path / "run", [*tiny, "model.pretrained=true"],
+                                model_overrides=[*tiny, "model.pretrained=false"]))
+    assert run.cfg.model.pretrained is False and run.cfg.model.checkpoint is None
+    b = run.bundle
+    assert (b.image_size, b.mean, b.std, b.interpolation) == (160, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "bicubic")
+    assert train_subset(b, 2, 0)[0].shape == (2, 3, 160, 160)
