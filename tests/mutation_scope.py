@@ -69,7 +69,8 @@ SCOPE: dict[str, tuple[str, ...]] = {
     "sam_repro.sharpness.msharpness": ("tests/sharpness/test_msharpness.py", "tests/sharpness/test_sharpness.py"),
     "sam_repro.sharpness.hvp": ("tests/sharpness/test_sharpness_units.py", "tests/sharpness/test_sharpness.py"),
     "sam_repro.sharpness.objective": ("tests/sharpness/test_sharpness_units.py", "tests/sharpness/test_sharpness.py"),
-    "sam_repro.sharpness.landscape": ("tests/sharpness/test_sharpness_landscape.py", "tests/sharpness/test_sharpness.py"),
+    "sam_repro.sharpness.landscape": ("tests/sharpness/test_sharpness_landscape.py", "tests/sharpness/test_sharpness_units.py",
+                                      "tests/sharpness/test_sharpness.py"),  # units: the directions' device
     "sam_repro.sharpness.rundir": ("tests/sharpness/test_sharpness_rundir.py", "tests/sharpness/test_sharpness_cli_units.py"),
     "sam_repro.sharpness.cli": ("tests/sharpness/test_sharpness_cli_units.py", "tests/sharpness/test_sharpness_cli.py"),
     # the models per module: the architectures by their forward references first, the full-size
