@@ -189,12 +189,16 @@ def test_train_subset_takes_one_example_or_the_whole_split(good: Path) -> None:
     assert train_subset(run.bundle, 64, seed=5)[0].shape[0] == 64
 
 
-def test_a_finetuned_run_is_measured_on_the_input_its_pretrained_model_saw(tmp_path: Path) -> None:
-    """A run finetuned from pretrained weights trained on the pretrained config's input (timm's
-    test_efficientnet: 160 px, bicubic, ImageNet mean and std), not the dataset's 8 px: so is it measured,
-    although no pretrained weight is read (the checkpoint holds them all)."""
+@pytest.mark.parametrize("finetuned_from", ["pretrained", "checkpoint"])
+def test_a_finetuned_run_is_measured_on_the_input_its_pretrained_model_saw(tmp_path: Path, finetuned_from: str) -> None:
+    """A run finetuned from pretrained weights (timm's, or a `model.checkpoint` of them) trained on the
+    pretrained config's input (timm's test_efficientnet: 160 px, bicubic, ImageNet mean and std), not the
+    dataset's 8 px: so is it measured, although no pretrained weight is read (the checkpoint holds them all)."""
     tiny = ["model=timm", "model.name=timm/test_efficientnet"]
-    run = load_run(make_run_dir(tmp_path / "run", [*tiny, "model.pretrained=true"],
+    backbone = tmp_path / "backbone.pt"
+    backbone.write_bytes(b"")  # never read: the run's own checkpoint holds every weight
+    source = ["model.pretrained=true"] if finetuned_from == "pretrained" else ["model.pretrained=false", f"model.checkpoint={backbone}"]
+    run = load_run(make_run_dir(tmp_path / "run", [*tiny, *source],
                                 model_overrides=[*tiny, "model.pretrained=false"]))
     assert run.cfg.model.pretrained is False and run.cfg.model.checkpoint is None
     b = run.bundle
