@@ -158,8 +158,11 @@ def start(argv: list[str], log_path: Path) -> Optional[subprocess.Popen]:
     None (and why, in log_path) when it cannot start."""
     with open(log_path, "w") as sink:
         try:
+            # SIGINT back to its default: a shell's background job (nohup, `&`) starts with it ignored, and
+            # the child would inherit that, so the stop at its share would never reach it
             return subprocess.Popen(argv, cwd=REPO, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True,
-                                    env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                    env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                                    preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         except OSError as err:
             sink.write(f"error: could not start {argv[0]}: {err}\n")
             return None
