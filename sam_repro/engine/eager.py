@@ -22,7 +22,7 @@ examples its no-grad forward at w + e selects.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, ContextManager, Iterator, Optional
+from typing import Callable, ContextManager, Optional
 
 import torch
 from torch import Tensor, nn
@@ -84,21 +84,12 @@ class EagerStep:
         """The method's parameters' gradients as its rule's (1, *shape) rows."""
         return [p.grad.unsqueeze(0) for p in self.method.params]
 
-    @contextlib.contextmanager
-    def _kept_tensors_only(self, active: bool) -> Iterator[None]:
-        """`needs.partial_first_pass` (ESAM): the tensors the rule does not keep get no gradient at w, as in
-        the released code. Not on a compiled model, which would recompile for every draw of the mask."""
-        dropped = []
-        if active and self.needs.partial_first_pass and self.model is self.member.module:
-            keep = self.method.rule.first_pass_mask(self.method.method_state, len(self.method.params))
-            dropped = [p for p, k in zip(self.method.params, keep) if not k]
-        for p in dropped:
-            p.requires_grad_(False)
-        try:
-            yield
-        finally:
-            for p in dropped:
-                p.requires_grad_(True)
+    def _kept_tensors_only(self, perturbs: bool) -> ContextManager:
+        """The method's first pass (ESAM: the tensors it does not keep get no gradient at w). Not on a
+        compiled model, which would recompile for every draw of the mask."""
+        if perturbs and self.method is not None and self.model is self.member.module:
+            return self.method.first_pass()
+        return contextlib.nullcontext()
 
     def _selected(self, x: Tensor, y: Tensor, loss_at_w: Tensor) -> tuple[Tensor, Tensor]:
         """ESAM's sharpness-sensitive selection (`needs.selects_examples`): a no-grad forward at w + e

@@ -15,8 +15,9 @@ from step to step.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Iterable, Optional, Sequence
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -179,6 +180,22 @@ class MethodOptimizer(torch.optim.Optimizer):
     def perturbs_now(self) -> bool:
         """Whether this step runs the perturbed pass."""
         return self.rule.perturbs(self.method_state)
+
+    @contextlib.contextmanager
+    def first_pass(self) -> Iterator[None]:
+        """Around the forward/backward at w: with `needs.partial_first_pass` (ESAM) the tensors the rule
+        does not keep for this step get no gradient (requires_grad off), as in the released code."""
+        dropped = []
+        if self.rule.needs.partial_first_pass:
+            keep = self.rule.first_pass_mask(self.method_state, len(self._params))
+            dropped = [p for p, k in zip(self._params, keep) if not k]
+        for p in dropped:
+            p.requires_grad_(False)
+        try:
+            yield
+        finally:
+            for p in dropped:
+                p.requires_grad_(True)
 
     @torch.no_grad()
     def device_perturbations(self, params: list[Tensor], grads: list[Tensor]) -> list[Tensor]:

@@ -23,9 +23,8 @@ read by the engine; here BatchNorm is your loss function's business).
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Iterable, Iterator, Optional, Sequence
+from typing import Any, Callable, ClassVar, Iterable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -139,19 +138,6 @@ class ESAM(MethodOptimizer):
     def keep_mask(self) -> list[bool]:
         """This step's SWP decisions, one per parameter (True: perturbed, with a gradient at w)."""
         return self.rule.first_pass_mask(self.method_state, len(self.params))
-
-    @contextlib.contextmanager
-    def first_pass(self) -> Iterator[None]:
-        """The forward/backward at w: tensors not kept for this step do not get a gradient."""
-        keep = self.keep_mask()
-        frozen = [p for p, k in zip(self.params, keep) if not k]
-        for p in frozen:
-            p.requires_grad_(False)
-        try:
-            yield
-        finally:
-            for p in frozen:
-                p.requires_grad_(True)
 
     def select(self, loss_before: Tensor, loss_after: Tensor) -> Tensor:
         """(n,) bool: the examples the perturbed pass uses."""
